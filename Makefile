@@ -1,0 +1,46 @@
+# DCM for ComfyUI — developer entry points. Everything runs in ./.venv (made on first use).
+#   make demo         sample the bundled toy world with the dual-expert sampler (CPU, < 1 min)
+#   make test         all test tiers (unit; comfy when a ComfyUI work tree is found; browser)
+#   make bench        CPU benchmarks → bench/results/latest.json + markdown table
+#   make reliability  fuzzed / hostile inputs and fault-injection suite, with figures
+#   make toy-models   retrain the bundled toy teacher and experts from scratch
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+COMFYUI_PATH ?= $(HOME)/ComfyUI
+export COMFYUI_PATH
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: venv test test-unit test-comfy demo bench reliability toy-models lint clean
+
+venv:
+	@PYTHON=$(PYTHON) VENV=$(VENV) tools/bootstrap.sh
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-comfy: venv
+	$(PY) -m pytest tests/comfy $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m dcm_core demo $(DEMO_ARGS)
+
+bench: venv
+	$(PY) -m bench.run
+
+reliability: venv
+	$(PY) -m pytest tests/unit/reliability tests/comfy/reliability -p no:randomly -q -s -o addopts="--import-mode=importlib -p no:cacheprovider" --reliability-full
+
+toy-models: venv
+	$(PY) -m dcm_core.toy.build
+
+lint: venv
+	$(PY) -m ruff check . || true
+
+clean:
+	rm -rf $(VENV) .pytest_cache tests/_output demo_out
