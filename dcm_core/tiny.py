@@ -101,7 +101,9 @@ def build_transformer(family: str, config: dict | None = None, *, seed: int = 0,
     else:
         raise DCMConfigError(f"unknown family {family!r}")
     randomize_(model, seed)
-    return model.to(dtype).eval()
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval()
 
 
 @torch.no_grad()
