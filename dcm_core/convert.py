@@ -1,0 +1,213 @@
+"""Convert an official DCM checkpoint into the two pack-native ComfyUI files.
+
+``python -m dcm_core convert OFFICIAL.safetensors --out-dir DIR [--dtype bf16] [--name NAME]`` writes
+
+* ``DIR/NAME_semantic.safetensors``       → ComfyUI/models/diffusion_models/ (stock Load Diffusion Model)
+* ``DIR/NAME_detail_expert.safetensors``  → ComfyUI/models/loras/ (stock LoraLoaderModelOnly, or the DCM loader)
+
+Streaming: both headers are computed from the plan first, then each output tensor is produced
+from the memory-mapped source and written before the next one is made, so peak memory is about
+one tensor. Both files appear only when both are complete (no partial outputs on any error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DCMConfigError, DCMUnsupportedFileError
+from .formats import keymaps as km
+from .formats.detect import KIND_OFFICIAL, ROLE_DETAIL, ROLE_SEMANTIC, FileInfo, info_from_header, unsupported_message
+from .formats.experts import (
+    default_name,
+    detail_out_dtype,
+    native_metadata,
+    plan_official,
+    produce_detail,
+    produce_semantic,
+    semantic_out_dtype,
+)
+from .formats.safetensors_io import PlannedTensor, SafeReader, StreamingWriter, dtype_name, parse_dtype, read_header
+
+log = logging.getLogger("DCM.formats")
+
+SEMANTIC_SUFFIX = "_semantic.safetensors"
+DETAIL_SUFFIX = "_detail_expert.safetensors"
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """Paths of the two written files and the source file's :class:`FileInfo`."""
+
+    semantic_path: Path
+    detail_path: Path
+    info: FileInfo
+    semantic_info: FileInfo | None = None
+    detail_info: FileInfo | None = None
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name) or "\x00" in name:
+        raise DCMConfigError(f"--name {name!r} must be a plain file-name stem (no folders), e.g. 'dcm_wan2.1_1.3b'.")
+    return name
+
+
+def convert_official(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "bf16",
+    name: str | None = None,
+    progress: bool = True,
+) -> ConvertResult:
+    """Split an official DCM checkpoint into ``NAME_semantic`` + ``NAME_detail_expert`` safetensors.
+
+    ``dtype``: ``bf16`` (default), ``fp16``, ``fp32`` or ``fp8_e4m3fn`` (fp8 stores the semantic
+    model's weight matrices in fp8 and everything else, including the detail expert, in bf16);
+    ``None`` keeps the source dtype. Raises a :class:`~dcm_core.errors.DCMError` on bad input and
+    leaves no partial output files.
+    """
+    header = read_header(src)
+    info = info_from_header(header)
+    if info.kind != KIND_OFFICIAL:
+        if info.kind in ("dcm_semantic", "dcm_detail_expert"):
+            raise DCMUnsupportedFileError(
+                f"{header.path} is already a converted DCM file ({info.kind}); there is nothing to convert. Copy the "
+                f"*_semantic file to models/diffusion_models and the *_detail_expert file to models/loras."
+            )
+        raise DCMUnsupportedFileError(unsupported_message(info, wanted="an official DCM checkpoint"))
+    tdtype = parse_dtype(dtype, what="--dtype")
+    stem = _check_name(name) if name is not None else default_name(header.path)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DCMConfigError(f"--out-dir {out} exists and is not a folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    sem_path, det_path = out / f"{stem}{SEMANTIC_SUFFIX}", out / f"{stem}{DETAIL_SUFFIX}"
+    src_real = os.path.realpath(header.path)
+    for p in (sem_path, det_path):
+        if os.path.realpath(p) == src_real:
+            raise DCMConfigError(f"output {p} would overwrite the input file; choose another --out-dir or --name.")
+
+    plan = plan_official(header)
+    lay = plan.layout
+    ent = header.entries
+    sem_plan = [
+        PlannedTensor(op.out, op.shape, semantic_out_dtype(ent[op.sources[0]].torch_dtype, tdtype, op.out, len(op.shape)))
+        for op in plan.semantic
+    ]
+
+    def det_src_dtype(op) -> torch.dtype:
+        key = op.src or (op.parts[0][2] if op.kind == "down" else op.parts[0][3] if op.parts else None)
+        return ent[key].torch_dtype if key else torch.float32
+
+    det_plan = [
+        PlannedTensor(op.out, op.shape, torch.float32 if op.kind == "alpha" else detail_out_dtype(det_src_dtype(op), tdtype))
+        for op in plan.detail
+    ]
+    variant = km.variant_from_dims(lay.family, plan.dims)
+    common = dict(
+        dims=plan.dims,
+        variant=variant,
+        rank=lay.rank,
+        alpha=lay.alpha,
+        extra={"dcm.source": os.path.basename(header.path), "dcm.alpha_source": lay.alpha_source, "dcm.dtype": dtype_name(tdtype) if tdtype else "source"},
+    )
+    sem_meta = native_metadata(ROLE_SEMANTIC, lay.family, partner=det_path.name, **common)
+    det_meta = native_metadata(ROLE_DETAIL, lay.family, partner=sem_path.name, **common)
+
+    total = sum(p.nbytes for p in sem_plan) + sum(p.nbytes for p in det_plan)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"convert {stem}", leave=True)
+    tmp_sem = out / f".{sem_path.name}.partial"
+    tmp_det = out / f".{det_path.name}.partial"
+    ok = False
+    log.info(
+        "converting %s (%s, rank %d, alpha %g from %s) -> %s, %s [%s]",
+        header.path,
+        km.size_label(lay.family, plan.dims),
+        lay.rank,
+        lay.alpha,
+        lay.alpha_source,
+        sem_path,
+        det_path,
+        dtype_name(tdtype) if tdtype else "source dtype",
+    )
+    try:
+        with SafeReader(header.path, header) as r:
+            with StreamingWriter(tmp_sem, sem_plan, sem_meta) as w:
+                for op, pt in zip(plan.semantic, sem_plan):
+                    w.write(pt.name, produce_semantic(op, r.get, tdtype))
+                    if bar is not None:
+                        bar.update(pt.nbytes)
+            with StreamingWriter(tmp_det, det_plan, det_meta) as w:
+                for op, pt in zip(plan.detail, det_plan):
+                    w.write(pt.name, produce_detail(op, r.get, tdtype, tdtype))
+                    if bar is not None:
+                        bar.update(pt.nbytes)
+        os.replace(tmp_sem, sem_path)
+        os.replace(tmp_det, det_path)
+        ok = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if not ok:
+            for p in (tmp_sem, tmp_det):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+    sem_info = info_from_header(read_header(sem_path))
+    det_info = info_from_header(read_header(det_path))
+    return ConvertResult(sem_path, det_path, info, sem_info, det_info)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="OFFICIAL.safetensors", help="official DCM transformer file (e.g. DCM_WAN/transformer/diffusion_pytorch_model.safetensors)")
+    p.add_argument("--out-dir", required=True, metavar="DIR", help="folder for NAME_semantic.safetensors and NAME_detail_expert.safetensors")
+    p.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=["bf16", "fp16", "fp32", "fp8_e4m3fn"],
+        help="storage dtype (default bf16). fp8_e4m3fn stores the semantic model's weight matrices in fp8, the rest "
+        "and the detail expert in bf16",
+    )
+    p.add_argument("--name", default=None, help="output base name (default: the release folder name, e.g. DCM_WAN, or the file stem)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    res = convert_official(args.src, args.out_dir, dtype=args.dtype, name=args.name, progress=not args.no_progress)
+    print(f"semantic expert: {res.semantic_path}")
+    print("  -> copy to ComfyUI/models/diffusion_models/ (stock Load Diffusion Model node, or the DCM loader)")
+    print(f"detail expert:   {res.detail_path}")
+    print("  -> copy to ComfyUI/models/loras/ (stock LoraLoaderModelOnly on the semantic model, or the DCM loader)")
+    info = res.info
+    print(
+        f"{km.size_label(info.family, info.dims)}; LoRA rank {info.lora_rank}, alpha {info.lora_alpha:g} "
+        f"({info.alpha_source}); boundary {info.boundary_timestep:g}; preset {info.schedule}"
+    )
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the ``convert`` subcommand."""
+    p = subparsers.add_parser(
+        "convert",
+        help="split an official DCM checkpoint into ComfyUI semantic + detail-expert files",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(_run=run)
+    return p
