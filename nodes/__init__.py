@@ -1,10 +1,26 @@
-"""ComfyUI V3 nodes of the DCM pack (thin schemas over dcm_core)."""
+"""ComfyUI V3 nodes of the DCM pack (thin schemas over dcm_core.comfy_adapter).
+
+Node ids and input names are a contract: saved workflows store them. Never rename them.
+"""
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension
+from comfy_api.latest import ComfyExtension, io
 
 
 class DCMExtension(ComfyExtension):
-    async def get_node_list(self):
-        return []
+    """Registers every DCM node with ComfyUI (imported lazily by the pack's ``comfy_entrypoint``)."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from .loader_nodes import DCMCheckpointLoader, DCMExpertLoraLoader
+        from .sampler_nodes import DCMDualExpertGuider, DCMDualExpertSampler
+        from .schedule_nodes import DCMSchedule, DCMTimestepSplit
+
+        return [
+            DCMCheckpointLoader,
+            DCMExpertLoraLoader,
+            DCMSchedule,
+            DCMTimestepSplit,
+            DCMDualExpertSampler,
+            DCMDualExpertGuider,
+        ]

@@ -70,6 +70,19 @@ class ComfyHarness:
         self.output = base / "output"
         self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
 
+    pack_dir_name = PACK_DIR_NAME
+
+    @property
+    def pack_module_name(self) -> str:
+        """``sys.modules`` name ComfyUI gave the pack (its folder path with '.' → '_x_')."""
+        return str(self.base / "custom_nodes" / PACK_DIR_NAME).replace(".", "_x_")
+
+    def pack_module(self, sub: str):
+        """A submodule of the pack *as ComfyUI loaded it* (its caches, its error classes)."""
+        import importlib
+
+        return importlib.import_module(f"{self.pack_module_name}.{sub}")
+
     def model_dir(self, kind: str) -> Path:
         """models/<kind> of the temporary base (diffusion_models, loras, ...)."""
         return self.models / kind

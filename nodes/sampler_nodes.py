@@ -1,0 +1,89 @@
+"""Sampling nodes: the one-node dual-expert sampler and the GUIDER for SamplerCustomAdvanced."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..dcm_core import schedule
+from ..dcm_core.comfy_adapter import sampling, schedules
+from . import texts as T
+from .schedule_nodes import boundary_input
+
+
+def expert_inputs() -> list:
+    """Inputs shared by the sampler and the guider, in their contract order."""
+    return [
+        io.Model.Input("semantic_model", tooltip=T.SEMANTIC_MODEL),
+        io.Model.Input("detail_model", tooltip=T.DETAIL_MODEL),
+        io.Conditioning.Input("positive", tooltip=T.POSITIVE),
+        io.Conditioning.Input("negative", tooltip=T.NEGATIVE),
+    ]
+
+
+def cfg_inputs() -> list:
+    return [
+        io.Float.Input("cfg_semantic", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=T.CFG_SEMANTIC),
+        io.Float.Input("cfg_detail", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=T.CFG_DETAIL),
+    ]
+
+
+class DCMDualExpertSampler(io.ComfyNode):
+    """Both experts, one node: seed → noise → semantic steps → detail steps → LATENT."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DCMDualExpertSampler",
+            display_name=T.SAMPLER_NAME,
+            category=T.CATEGORY_SAMPLING,
+            description=T.SAMPLER_DESC,
+            inputs=[
+                *expert_inputs(),
+                io.Latent.Input("latent_image", tooltip=T.SAMPLER_LATENT),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip=T.SEED),
+                io.Combo.Input("preset", options=list(schedule.PRESET_NAMES), default=schedule.PRESET_NAMES[0], tooltip=T.SAMPLER_PRESET),
+                boundary_input(),
+                *cfg_inputs(),
+                io.Sigmas.Input("sigmas", optional=True, tooltip=T.SAMPLER_SIGMAS),
+            ],
+            outputs=[io.Latent.Output("latent", display_name="latent", tooltip=T.LATENT_OUT)],
+        )
+
+    @classmethod
+    def validate_inputs(cls, boundary_timestep: float) -> bool | str:
+        return schedules.check_boundary_input(boundary_timestep)
+
+    @classmethod
+    def execute(
+        cls, semantic_model, detail_model, positive, negative, latent_image, seed, preset, boundary_timestep,
+        cfg_semantic, cfg_detail, sigmas=None,
+    ) -> io.NodeOutput:
+        return io.NodeOutput(sampling.sample_dual_expert(
+            semantic_model, detail_model, positive, negative, latent_image, seed, preset, boundary_timestep,
+            cfg_semantic, cfg_detail, sigmas,
+        ))
+
+
+class DCMDualExpertGuider(io.ComfyNode):
+    """Both experts as one GUIDER for the stock SamplerCustomAdvanced."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DCMDualExpertGuider",
+            display_name=T.GUIDER_NAME,
+            category=T.CATEGORY_SAMPLING,
+            description=T.GUIDER_DESC,
+            inputs=[*expert_inputs(), boundary_input(), *cfg_inputs()],
+            outputs=[io.Guider.Output("guider", display_name="guider", tooltip=T.GUIDER_OUT)],
+        )
+
+    @classmethod
+    def validate_inputs(cls, boundary_timestep: float) -> bool | str:
+        return schedules.check_boundary_input(boundary_timestep)
+
+    @classmethod
+    def execute(cls, semantic_model, detail_model, positive, negative, boundary_timestep, cfg_semantic, cfg_detail) -> io.NodeOutput:
+        return io.NodeOutput(sampling.make_guider(
+            semantic_model, detail_model, positive, negative, boundary_timestep, cfg_semantic, cfg_detail,
+        ))

@@ -1,0 +1,124 @@
+"""Every user-facing string of the DCM nodes: categories, display names, descriptions, tooltips.
+
+One source of truth, so shared inputs (the boundary, the experts, the cfg values) say the same
+thing on every node. Error messages live with the code that raises them (dcm_core).
+"""
+
+from __future__ import annotations
+
+CATEGORY_SAMPLING = "sampling/DCM"
+CATEGORY_LOADERS = "loaders/DCM"
+
+NO_STEPS_NOTE = (
+    "If the boundary leaves one expert without steps, a warning is logged and every step runs on the "
+    "other expert."
+)
+
+# --------------------------------------------------------------------------- shared inputs
+
+SEMANTIC_MODEL = (
+    "The semantic expert (high-noise steps: layout and motion). Connect semantic_model of DCM Checkpoint "
+    "Loader, or a model loaded with Load Diffusion Model from a converted *_semantic file."
+)
+DETAIL_MODEL = (
+    "The detail expert (low-noise steps: texture and fine detail). Connect detail_model of DCM Checkpoint "
+    "Loader, or the semantic model with the detail expert applied (DCM Expert LoRA Loader or LoraLoaderModelOnly)."
+)
+POSITIVE = "The prompt conditioning. For HunyuanVideo the embedded guidance comes from here (default 6.0; set it with FluxGuidance)."
+NEGATIVE = "The negative prompt conditioning. Only used by an expert whose cfg is above 1.0 (DCM was distilled for cfg 1.0)."
+BOUNDARY = (
+    "Routing threshold on the timestep t = 1000·sigma: a step with floor(t) ≤ boundary runs on the detail expert, "
+    "every other step on the semantic expert. 978 for Wan2.1, 981 for HunyuanVideo (the official values)."
+)
+CFG_SEMANTIC = "Classifier-free guidance for the semantic expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
+CFG_DETAIL = "Classifier-free guidance for the detail expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
+PRESET = (
+    "Sigma schedule. wan2.1-t2v-6step and hunyuan-t2v-4step are the official lists; per-expert-uniform spreads "
+    "steps evenly inside each expert's part of the training grid; pcm-default is the PCM spacing; custom takes "
+    "your own list."
+)
+SIGMAS = "A sigma list from 1.0 (pure noise) down to 0 (clean), e.g. from DCM Schedule."
+
+# --------------------------------------------------------------------------- DCMCheckpointLoader
+
+CHECKPOINT_LOADER_NAME = "DCM Checkpoint Loader"
+CHECKPOINT_LOADER_DESC = (
+    "Loads a DCM transformer (the official DCM_WAN / DCM_HY diffusion_pytorch_model.safetensors, Wan2.x any size "
+    "or HunyuanVideo, or a converted *_semantic file with its *_detail file in models/loras) and returns both "
+    "experts. They share one set of base weights: the detail expert is the semantic one plus its LoRA and its own "
+    "embedder/head as weight patches. Every patch must load, or the node stops with the list of keys that did not."
+)
+CKPT_NAME = "A DCM transformer file in models/diffusion_models."
+WEIGHT_DTYPE = (
+    "Weight precision. default keeps ComfyUI's choice for your GPU; fp8 variants halve memory (fp8_e4m3fn_fast "
+    "also uses fp8 matmuls on GPUs that support them); bf16/fp16 cast the weights."
+)
+SEMANTIC_OUT = "The semantic expert (use it for the high-noise steps)."
+DETAIL_OUT = "The detail expert (use it for the low-noise steps). Stack style LoRAs on it with LoraLoaderModelOnly."
+
+# --------------------------------------------------------------------------- DCMExpertLoraLoader
+
+EXPERT_LOADER_NAME = "DCM Expert LoRA Loader"
+EXPERT_LOADER_DESC = (
+    "Applies a DCM detail-expert file (written by 'dcm convert' or the DCM trainer, in models/loras) to a model, "
+    "checking that every patch lands. For an official combined DCM checkpoint use DCM Checkpoint Loader; for an "
+    "ordinary style LoRA use LoraLoaderModelOnly."
+)
+EXPERT_MODEL = "The semantic expert (or the base model the detail expert was trained on)."
+EXPERT_LORA_NAME = "A DCM detail-expert file in models/loras (e.g. dcm_wan2.1_t2v_1.3b_detail.safetensors)."
+EXPERT_STRENGTH = "How strongly the detail expert is applied. 1.0 is the trained expert; 0 returns the model unchanged."
+EXPERT_OUT = "The model with the detail expert applied."
+
+# --------------------------------------------------------------------------- DCMSchedule
+
+SCHEDULE_NAME = "DCM Schedule"
+SCHEDULE_DESC = (
+    "Builds a DCM sigma list (terminal 0 included) from a preset and draws it: the sigma curve, the boundary and "
+    "which expert owns each step. Feed sigmas to DCM Dual-Expert Sampler or to SamplerCustomAdvanced with DCM "
+    "Dual-Expert Guider."
+)
+SEMANTIC_STEPS = "per-expert-uniform only: number of steps for the semantic expert."
+DETAIL_STEPS = "per-expert-uniform only: number of steps for the detail expert."
+STEPS = "pcm-default only: total number of steps (1-50)."
+CUSTOM_SIGMAS = (
+    "custom only: descending sigmas in (0, 1] separated by commas, e.g. 1.0, 0.992, 0.982, 0.949, 0.905, 0.81. "
+    "The terminal 0 is appended for you."
+)
+SIGMAS_OUT = "The sigma list, terminal 0 included."
+PLOT_OUT = "A picture of the schedule: the sigma curve, the boundary, and each step coloured by its expert."
+
+# --------------------------------------------------------------------------- DCMTimestepSplit
+
+SPLIT_NAME = "DCM Timestep Split"
+SPLIT_DESC = (
+    "Splits a sigma list at the DCM boundary into the semantic and the detail part (they share the switch sigma), "
+    "for two chained SamplerCustomAdvanced nodes: the second one needs DisableNoise. A part with a single sigma "
+    "has no steps; a warning is logged."
+)
+SPLIT_SIGMAS = "The full sigma list (terminal 0 included)."
+SEMANTIC_SIGMAS_OUT = "Sigmas of the semantic expert's steps (high noise)."
+DETAIL_SIGMAS_OUT = "Sigmas of the detail expert's steps (low noise), starting at the switch sigma."
+
+# --------------------------------------------------------------------------- DCMDualExpertSampler
+
+SAMPLER_NAME = "DCM Dual-Expert Sampler"
+SAMPLER_DESC = (
+    "Few-step DCM sampling: the semantic expert on the high-noise steps, the detail expert on the rest, with the "
+    "official flow-Euler step, one progress bar and previews. Noise comes from the seed exactly as in KSampler. "
+    + NO_STEPS_NOTE
+)
+SAMPLER_LATENT = "The latent to fill, e.g. EmptyHunyuanLatentVideo (832×480, 81 frames for Wan2.1)."
+SEED = "The random seed for the starting noise (same noise as KSampler for the same seed)."
+SAMPLER_PRESET = PRESET + " Ignored when sigmas is connected; custom requires it."
+SAMPLER_SIGMAS = "Optional: overrides the preset with your own sigma list (e.g. from DCM Schedule)."
+LATENT_OUT = "The denoised latent; decode it with VAEDecode (or VAEDecodeTiled for HunyuanVideo)."
+
+# --------------------------------------------------------------------------- DCMDualExpertGuider
+
+GUIDER_NAME = "DCM Dual-Expert Guider"
+GUIDER_DESC = (
+    "A GUIDER for the stock SamplerCustomAdvanced: splits the sigmas at the boundary and runs the semantic "
+    "expert, then the detail expert, in one progress bar. Use it with KSamplerSelect (euler), RandomNoise and "
+    "DCM Schedule. " + NO_STEPS_NOTE
+)
+GUIDER_OUT = "The dual-expert guider, for SamplerCustomAdvanced."
