@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 
@@ -83,12 +84,17 @@ for _name, _help, _mod in (
 
 
 def _module_available(mod: str) -> bool:
-    try:
-        import importlib.util
+    """Whether ``dcm_core.x.y`` exists, checked on disk so that nothing is imported (fast ``--help``)."""
+    parts = mod.split(".")
+    if parts[0] != "dcm_core":
+        try:
+            import importlib.util
 
-        return importlib.util.find_spec(mod) is not None
-    except (ImportError, ValueError):
-        return False
+            return importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):
+            return False
+    base = Path(__file__).resolve().parent.joinpath(*parts[1:])
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -105,7 +111,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for cmd in _REGISTRY.values():
         if cmd.module is not None:
             if cmd.name == wanted:
-                importlib.import_module(cmd.module).add_parser(sub)
+                mod = importlib.import_module(cmd.module)
+                if not hasattr(mod, "add_parser"):
+                    raise SystemExit(f"internal error: {cmd.module} has no add_parser(subparsers) for '{cmd.name}'")
+                mod.add_parser(sub)
             elif _module_available(cmd.module):
                 sub.add_parser(cmd.name, help=cmd.help, add_help=False)
         else:

@@ -388,8 +388,17 @@ def _native_info(header: Header) -> FileInfo:
         raise DCMFormatError(f"{p}: metadata dcm.dims is not a JSON object; the file was edited.") from None
     rank = _meta_float(p, meta, "dcm.lora_rank")
     kind = KIND_SEMANTIC if role == ROLE_SEMANTIC else KIND_DETAIL
-    if kind == KIND_SEMANTIC and not dims:
-        dims = km.dims_from_comfy_shapes(family, header.shapes)
+    if kind == KIND_SEMANTIC:
+        bare = km.strip_prefix(header.shapes)
+        actual = km.detect_family_comfy(bare)
+        if actual != family:
+            raise DCMFormatError(
+                f"{p}: metadata says a {km.family_label(family)} semantic expert, but the tensors are "
+                f"{'a ' + km.family_label(actual) + ' model' if actual else 'not a ComfyUI diffusion model'}. "
+                f"The file was edited or mislabelled; re-run the converter."
+            )
+        if not dims:
+            dims = km.dims_from_comfy_shapes(family, bare)
     return FileInfo(
         path=p,
         kind=kind,

@@ -171,6 +171,14 @@ def plan_official(header: Header, layout: OfficialLayout | None = None) -> Exper
         suffix = ".diff_b" if kind == "bias" else ".diff"
         diffs.append(DetailOp(COMFY_PREFIX + cstem + suffix, op.shape, "diff", src=fkey, base=lay.base[bkey], op_kind=op.kind))
     detail.extend(sorted(diffs, key=lambda d: d.out))
+    for d in diffs:
+        if d.out.endswith(".diff") and d.out[: -len(".diff")].endswith(RAW_PARAM_SUFFIXES):
+            msg = (
+                f"detail expert replaces the raw parameter {d.out[len(COMFY_PREFIX):-len('.diff')]!r}; stock ComfyUI "
+                f"does not apply weight patches to parameters of non-leaf modules, so apply it as an object patch"
+            )
+            log.warning("%s: %s", p, msg)
+            lay.notes.append(msg)
     dims = km.dims_from_comfy_shapes(lay.family, {op.out: op.shape for op in sem})
     return ExpertPlan(layout=lay, semantic=sem_file, detail=detail, dims=dims)
 

@@ -191,10 +191,12 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
         raise DCMFileNotFoundError(f"{p}: cannot open the file ({e.strerror or e}). Check its permissions.") from e
     with fh:
         size = os.fstat(fh.fileno()).st_size
-        head = fh.read(8)
-        foreign = _sniff_foreign(p, head)
+        head = fh.read(9)
+        plausible = len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{"
+        foreign = None if plausible else _sniff_foreign(p, head)
         if foreign is not None:
             raise DCMUnsupportedFileError(f"{p} is {foreign}, not safetensors. {_PICKLE_HINT}")
+        head = head[:8]
         if len(head) < 8:
             raise DCMFormatError(
                 f"{p}: file is {size} bytes, too short to be safetensors (needs an 8-byte header length). "
@@ -213,6 +215,7 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
             )
         if n < 2:
             raise DCMFormatError(f"{p}: the header length is {n}; the file is damaged or not safetensors.")
+        fh.seek(8)
         raw = fh.read(n)
     if len(raw) != n:
         raise DCMFormatError(f"{p}: could read only {len(raw)} of {n} header bytes; the file is truncated.")

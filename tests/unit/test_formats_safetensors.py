@@ -1,0 +1,205 @@
+"""Validated safetensors reading, pickle refusal, streaming + atomic writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dcm_core.errors import DCMFileNotFoundError, DCMFormatError, DCMUnsupportedFileError
+from dcm_core.formats import inspect_file, load_experts, read_header
+from dcm_core.formats.safetensors_io import (
+    PlannedTensor,
+    SafeReader,
+    StreamingWriter,
+    atomic_output,
+    load_state_dict,
+    parse_dtype,
+    save_state_dict,
+)
+
+
+def _raw(path, header, data: bytes = b"", *, length: int | None = None):
+    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
+    n = len(hb) if length is None else length
+    path.write_bytes(struct.pack("<Q", n) + hb + data)
+    return path
+
+
+def _bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _good(tmp_path):
+    p = tmp_path / "good.safetensors"
+    save_file({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}, str(p))
+    return p
+
+
+def test_valid_file_reads_and_streams(tmp_path):
+    p = _good(tmp_path)
+    h = read_header(p)
+    assert h.shapes == {"a": (2, 3), "b": (4,)}
+    with SafeReader(p) as r:
+        assert torch.equal(r.get("a"), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+        assert r.get("b", torch.float32).dtype == torch.float32
+
+
+BAD_HEADERS = [
+    ("garbled", lambda t: _raw(t / "x.safetensors", b"\xff\xfe\x00garbage!")),
+    ("non_json", lambda t: _raw(t / "x.safetensors", b"this is not json")),
+    ("json_array", lambda t: _raw(t / "x.safetensors", b"[1, 2, 3]")),
+    ("header_len_gt_file", lambda t: _raw(t / "x.safetensors", b"{}", length=10_000)),
+    ("huge_header_len", lambda t: _raw(t / "x.safetensors", b"{}", length=2**62)),
+    (
+        "duplicate_keys",
+        lambda t: _raw(
+            t / "x.safetensors",
+            b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            b"\0" * 4,
+        ),
+    ),
+    ("unknown_dtype", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, b"\0" * 16)),
+    ("shape_vs_offsets", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 8]}}, b"\0" * 8)),
+    ("float_shape", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4)),
+    ("negative_shape", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4)),
+    ("offsets_past_end", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}, b"\0" * 8)),
+    (
+        "overlap",
+        lambda t: _raw(
+            t / "x.safetensors",
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+        ),
+    ),
+    ("hole", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8)),
+    ("trailing_bytes", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 9)),
+    ("bad_metadata", lambda t: _raw(t / "x.safetensors", {"__metadata__": {"k": 1}})),
+    ("extra_entry_field", lambda t: _raw(t / "x.safetensors", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 1}}, b"\0" * 4)),
+    ("empty_file", lambda t: _bytes(t / "x.safetensors", b"")),
+    ("short_file", lambda t: _bytes(t / "x.safetensors", b"\x01\x02\x03")),
+]
+
+
+@pytest.mark.parametrize("name,make", BAD_HEADERS, ids=[b[0] for b in BAD_HEADERS])
+def test_bad_headers_rejected_with_file_name(tmp_path, name, make):
+    p = make(tmp_path)
+    with pytest.raises(DCMFormatError) as ei:
+        read_header(p)
+    assert str(p) in str(ei.value)
+    with pytest.raises(DCMFormatError):
+        inspect_file(p)
+
+
+def test_truncated_real_file(tmp_path):
+    p = _good(tmp_path)
+    data = p.read_bytes()
+    p.write_bytes(data[:-5])
+    with pytest.raises(DCMFormatError, match="truncated|damaged"):
+        read_header(p)
+
+
+def test_lying_header_is_not_allocated(tmp_path):
+    """A header claiming a 1e12-element tensor is refused from the header alone."""
+    p = _raw(tmp_path / "lie.safetensors", {"a": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]}}, b"\0" * 8)
+    with pytest.raises(DCMFormatError, match="truncated"):
+        read_header(p)
+
+
+@pytest.mark.parametrize("kind", ["pickle", "zip_pt", "gguf", "json"])
+def test_foreign_files_refused_without_unpickling(tmp_path, kind):
+    p = tmp_path / f"model.{ 'pt' if kind != 'json' else 'safetensors'}"
+    marker = tmp_path / "pwned"
+    if kind == "pickle":
+
+        class Evil:
+            def __reduce__(self):
+                return (open, (str(marker), "w"))
+
+        p.write_bytes(pickle.dumps(Evil(), protocol=2))
+    elif kind == "zip_pt":
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("archive/data.pkl", pickle.dumps({"a": 1}))
+    elif kind == "gguf":
+        p.write_bytes(b"GGUF" + b"\0" * 64)
+    else:
+        p.write_text('{"weight_map": {}}')
+    with pytest.raises(DCMUnsupportedFileError) as ei:
+        inspect_file(p)
+    assert str(p) in str(ei.value)
+    if kind != "json":
+        assert "safetensors" in str(ei.value)
+    with pytest.raises(DCMUnsupportedFileError):
+        load_experts(p)
+    assert not marker.exists()
+
+
+def test_missing_and_directory(tmp_path):
+    with pytest.raises(DCMFileNotFoundError, match="not found"):
+        inspect_file(tmp_path / "nope.safetensors")
+    with pytest.raises(DCMFileNotFoundError, match="folder"):
+        inspect_file(tmp_path)
+
+
+def test_streaming_writer_roundtrip_matches_safetensors(tmp_path):
+    sd = {
+        "w": torch.randn(5, 3),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "h": torch.randn(2, 2).to(torch.float16),
+        "s": torch.tensor(3.5),
+        "e": torch.zeros(0, 4),
+        "f8": torch.randn(4, 4).to(torch.float8_e4m3fn),
+    }
+    p = save_state_dict(sd, tmp_path / "o.safetensors", {"dcm.role": "semantic"})
+    back = load_file(str(p))
+    assert set(back) == set(sd)
+    for k in sd:
+        assert back[k].dtype == sd[k].dtype and torch.equal(back[k].float(), sd[k].float()), k
+    assert read_header(p).metadata["dcm.role"] == "semantic"
+    assert load_state_dict(p, torch.float32)["b"].dtype == torch.float32
+    assert os.listdir(tmp_path) == ["o.safetensors"]
+
+
+def test_streaming_writer_cleans_up_on_error(tmp_path):
+    plan = [PlannedTensor("a", (2,), torch.float32), PlannedTensor("b", (3,), torch.float32)]
+    dest = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError):
+        with StreamingWriter(dest, plan) as w:
+            w.write("a", torch.zeros(2))
+            w.write("b", torch.zeros(4))  # wrong shape
+    with pytest.raises(ValueError, match="only 1 of 2"):
+        with StreamingWriter(dest, plan) as w:
+            w.write("a", torch.zeros(2))
+    with pytest.raises(RuntimeError):
+        with StreamingWriter(dest, plan) as w:
+            raise RuntimeError("boom")
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_output_keeps_old_file_on_error(tmp_path):
+    dest = tmp_path / "f.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_output(dest) as fh:
+            fh.write(b"new partial")
+            raise RuntimeError("x")
+    assert dest.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") == torch.bfloat16
+    assert parse_dtype("fp8_e4m3fn") == torch.float8_e4m3fn
+    assert parse_dtype(None) is None
+    with pytest.raises(DCMFormatError, match="int4"):
+        parse_dtype("int4")
