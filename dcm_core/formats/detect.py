@@ -59,12 +59,11 @@ _LORA_HINTS = (
     ".hada_w",
     ".lokr_w",
     ".oft_",
-    ".diff",
-    ".diff_b",
-    ".alpha",
-    ".set_weight",
     ".lora_linear_layer.",
+    "lora_unet_",
+    "lora_te_",
 )
+_LORA_SUFFIXES = (".alpha", ".diff", ".diff_b", ".set_weight", ".dora_scale", ".lora_A", ".lora_B")
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,7 @@ def _strip_common(keys: list[str], prefixes: tuple[str, ...]) -> str:
 
 
 def is_lora_key(k: str) -> bool:
-    return any(h in k for h in _LORA_HINTS) or k.endswith((".alpha", ".diff", ".diff_b"))
+    return any(h in k for h in _LORA_HINTS) or k.endswith(_LORA_SUFFIXES)
 
 
 # --------------------------------------------------------------------------- official layout

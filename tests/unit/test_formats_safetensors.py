@@ -203,3 +203,13 @@ def test_parse_dtype():
     assert parse_dtype(None) is None
     with pytest.raises(DCMFormatError, match="int4"):
         parse_dtype("int4")
+
+
+def test_header_length_that_looks_like_pickle_magic(tmp_path):
+    """A valid file whose 8-byte length starts with 0x80 0x01 (n = 384) is not mistaken for a pickle."""
+    body = json.dumps({"__metadata__": {"pad": ""}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    body = body.replace('"pad": ""', '"pad": "' + "x" * (384 - len(body)) + '"').encode()
+    assert len(body) == 384
+    p = _raw(tmp_path / "x.safetensors", body, b"\0" * 4)
+    assert p.read_bytes()[:2] == b"\x80\x01"
+    assert read_header(p).shapes == {"a": (1,)}
