@@ -1,0 +1,316 @@
+"""Training checkpoints without pickle: safetensors tensors + JSON, atomic, verified.
+
+A checkpoint is a folder ``checkpoints/checkpoint-00000100/``::
+
+    trainable.safetensors        trainable student parameters (fp32 masters), by parameter name
+    ema.safetensors              EMA shadow weights (optim.use_ema)
+    discriminator.safetensors    discriminator parameters (detail stage)
+    optimizer.safetensors/.json  AdamW state tensors / param groups + scalars (also disc_optimizer.*)
+    scheduler.json               LR scheduler state
+    rng-rank{r}.safetensors/.json   torch / CUDA / numpy / python / trainer-generator states of process r
+    trainer_state.json           step, data position, world size, config
+    MANIFEST.json                sha256 of every file above — written LAST
+
+Writes go to ``.tmp-checkpoint-…`` and the folder is renamed into place only after the
+manifest is fsync'ed, so a run killed at any moment leaves either a complete checkpoint or
+none. :func:`find_latest_valid` re-hashes the files and skips (with a warning) a newest
+checkpoint that is incomplete or corrupted. ``torch.save`` / ``torch.load`` (pickle) are never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..errors import DCMCheckpointError
+
+log = logging.getLogger("DCM.train")
+
+MANIFEST = "MANIFEST.json"
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+FORMAT_VERSION = 1
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+# ---------------------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors write + fsync (contiguous CPU copies; empty dicts allowed)."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(clean, str(path), metadata=metadata)
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def save_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- optimizer / scheduler / RNG
+
+
+def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` → (tensors, JSON). Tensors keyed ``state.<param id>.<name>``."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in state["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    groups = []
+    for g in state["param_groups"]:
+        gg = {}
+        for k, v in g.items():
+            gg[k] = list(v) if isinstance(v, tuple) else v
+        groups.append(gg)
+    return tensors, {"param_groups": groups, "scalars": scalars, "tuple_keys": ["betas"]}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    groups = []
+    for g in meta["param_groups"]:
+        gg = dict(g)
+        for k in meta.get("tuple_keys", []):
+            if k in gg and isinstance(gg[k], list):
+                gg[k] = tuple(gg[k])
+        groups.append(gg)
+    return {"state": state, "param_groups": groups}
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    sd = scheduler.state_dict()
+    out = {}
+    for k, v in sd.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            raise DCMCheckpointError(f"LR scheduler state field {k!r} is not JSON-serialisable ({type(v).__name__}).") from None
+        out[k] = v
+    return out
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every RNG this process uses: torch CPU/CUDA, numpy, python ``random`` and named generators."""
+    tensors: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    for name, g in generators.items():
+        tensors[f"gen.{name}"] = g.get_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    py = random.getstate()
+    meta = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [py[0], list(py[1]), py[2]],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    for name, g in generators.items():
+        key = f"gen.{name}"
+        if key not in tensors:
+            raise DCMCheckpointError(f"checkpoint RNG state lacks generator {name!r}.")
+        g.set_state(tensors[key])
+    n = meta["numpy"]
+    keys = tensors["numpy.keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    v, state, gauss = meta["python"]
+    random.setstate((v, tuple(state), gauss))
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class CheckpointWriter:
+    """Collects the files of one checkpoint in a temp folder, then publishes it atomically.
+
+    Multi-process use: every process calls :meth:`begin` (after a barrier the main process
+    created the folder), writes its own files, then a barrier, then the main process calls
+    :meth:`commit`.
+    """
+
+    def __init__(self, root: Path, step: int) -> None:
+        self.root = Path(root)
+        self.step = step
+        self.final = self.root / checkpoint_name(step)
+        self.tmp = self.root / f".tmp-{checkpoint_name(step)}"
+
+    def prepare(self) -> None:
+        """Main process: a fresh temp folder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+
+    def tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_tensors(self.tmp / name, tensors, metadata={"format": "pt", "dcm_checkpoint": str(FORMAT_VERSION)})
+
+    def json(self, name: str, obj: Any) -> None:
+        save_json(self.tmp / name, obj)
+
+    def commit(self) -> Path:
+        """Main process: hash every file, write the manifest last, fsync, rename into place."""
+        files = sorted(p.name for p in self.tmp.iterdir() if p.is_file() and p.name != MANIFEST)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "files": {name: {"sha256": sha256_file(self.tmp / name), "bytes": (self.tmp / name).stat().st_size} for name in files},
+        }
+        save_json(self.tmp / MANIFEST, manifest)
+        _fsync_dir(self.tmp)
+        if self.final.exists():
+            trash = self.root / f".old-{checkpoint_name(self.step)}-{os.getpid()}"
+            os.replace(self.final, trash)
+            os.replace(self.tmp, self.final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.final)
+        _fsync_dir(self.root)
+        return self.final
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when complete and intact, else the reason it is not."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        return "no MANIFEST.json (the write did not finish)"
+    try:
+        manifest = load_json(mf)
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        return f"MANIFEST.json is unreadable ({e})"
+    for name in ("trainer_state.json", "trainable.safetensors"):
+        if name not in files:
+            return f"{name} is not listed in the manifest"
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != info.get("bytes"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {info.get('bytes')}"
+        if sha256_file(f) != info.get("sha256"):
+            return f"{name} does not match its sha256 (corrupted)"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every published checkpoint folder, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out, reverse=True)
+
+
+def find_latest_valid(root: Path, *, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`; broken newer ones are reported."""
+    warn = warn or log.warning
+    for step, path in list_checkpoints(root):
+        why = verify_checkpoint(path)
+        if why is None:
+            return path
+        warn(f"skipping checkpoint {path.name}: {why}. Falling back to an older checkpoint.")
+    return None
+
+
+def resolve_resume(resume: str, root: Path) -> Path:
+    """``latest`` → newest valid checkpoint under ``root``; a path → that checkpoint (verified)."""
+    if resume == "latest":
+        found = find_latest_valid(root)
+        if found is None:
+            raise DCMCheckpointError(
+                f"--resume latest: no complete checkpoint under {root}. Start without --resume, or point --resume at "
+                f"a checkpoint folder."
+            )
+        return found
+    p = Path(resume)
+    if not p.is_dir():
+        raise DCMCheckpointError(f"--resume {resume}: not a checkpoint folder.")
+    why = verify_checkpoint(p)
+    if why is not None:
+        raise DCMCheckpointError(f"--resume {resume}: the checkpoint is not usable: {why}.")
+    return p
+
+
+def rotate(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all); stale temp folders too."""
+    removed = []
+    if keep > 0:
+        for _, path in list_checkpoints(root)[keep:]:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for p in Path(root).glob(".old-checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return removed

@@ -1,0 +1,220 @@
+"""Export a training run: the official combined layout + the pack-native expert files.
+
+``python -m dcm_core export RUN_DIR [--checkpoint PATH] [--name NAME] [--dtype fp32|bf16|fp16] [--out DIR]``
+
+Output folder (default ``RUN_DIR/export``)::
+
+    transformer/config.json
+    transformer/diffusion_pytorch_model.safetensors
+        semantic stage: the semantic expert, plain diffusers keys (a semantic LoRA is merged);
+                        this folder is what ``model.semantic_expert`` of the detail stage takes.
+        detail stage:   the official DCM combined layout = ``model.state_dict()`` of the student:
+                        diffusers keys with ``base_layer`` / ``lora_A.lora1`` / ``lora_B.lora1`` and the
+                        ``*_lora`` modules (dcm-method.md §4.4) — loads with strict=True after
+                        ``add_detail_expert``, exactly like the released checkpoint.
+    NAME_semantic.safetensors, NAME_detail_expert.safetensors
+        detail stage: the pack-native ComfyUI files, made by dcm_core.formats.convert_official.
+    export_info.json
+
+Everything is written into a temporary folder beside the destination and renamed into place
+at the end: a failure leaves no half-written export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DCMCheckpointError, DCMConfigError
+from ..modeling import DETAIL_ADAPTER, LORA_TARGET_MODULES, family_of_model
+from . import checkpoint as ck
+from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig, from_dict
+from .models import TRANSFORMER_WEIGHTS, build_student, merged_semantic_state_dict
+
+log = logging.getLogger("DCM.train")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export_model(
+    cfg: TrainConfig,
+    student: nn.Module,
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    dtype: str | None = None,
+    native: bool | None = None,
+    step: int | None = None,
+) -> dict[str, str]:
+    """Write the export of ``student`` (see the module docstring); returns ``{what: path}``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    name = name or cfg.export.name
+    dtype_s = dtype or cfg.export.dtype
+    if dtype_s not in DTYPES:
+        raise DCMConfigError(f"export dtype {dtype_s!r}: choose fp32, bf16 or fp16.")
+    tdtype = DTYPES[dtype_s]
+    native = cfg.export.native if native is None else native
+    family = family_of_model(student)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    result: dict[str, str] = {}
+    try:
+        tdir = tmp / "transformer"
+        tdir.mkdir(parents=True)
+        student.save_config(str(tdir))
+        if cfg.stage == STAGE_SEMANTIC:
+            sd = merged_semantic_state_dict(student)
+            layout = "diffusers (semantic expert)"
+        else:
+            sd = {k: v.detach() for k, v in student.state_dict().items()}
+            layout = "official DCM combined (base_layer / lora_A.lora1 / lora_B.lora1 / *_lora)"
+        sd = {k: v.to("cpu", tdtype).contiguous() for k, v in sd.items()}
+        meta = {"format": "pt", "dcm.trainer.stage": cfg.stage, "dcm.family": family}
+        if cfg.stage == STAGE_DETAIL:
+            meta.update(
+                {
+                    "dcm.lora_rank": str(int(cfg.model.lora_rank)),
+                    "dcm.lora_alpha": f"{float(cfg.model.lora_alpha):g}",
+                    "dcm.boundary_timestep": f"{float(cfg.schedule.boundary_timestep):g}",
+                }
+            )
+            (tdir / "adapter_config.json").write_text(
+                json.dumps(
+                    {
+                        "peft_type": "LORA",
+                        "r": int(cfg.model.lora_rank),
+                        "lora_alpha": float(cfg.model.lora_alpha),
+                        "target_modules": list(LORA_TARGET_MODULES),
+                        "adapter_name": DETAIL_ADAPTER,
+                    },
+                    indent=1,
+                )
+            )
+        save_file(sd, str(tdir / TRANSFORMER_WEIGHTS), metadata=meta)
+        result["transformer"] = str(out / "transformer" / TRANSFORMER_WEIGHTS)
+        if cfg.stage == STAGE_DETAIL and native:
+            from ..formats import convert_official
+
+            conv = convert_official(tdir / TRANSFORMER_WEIGHTS, tmp, dtype=dtype_s, name=name, progress=False)
+            result["semantic"] = str(out / Path(conv.semantic_path).name)
+            result["detail_expert"] = str(out / Path(conv.detail_path).name)
+        info: dict[str, Any] = {
+            "stage": cfg.stage,
+            "family": family,
+            "layout": layout,
+            "dtype": dtype_s,
+            "step": step,
+            "tensors": len(sd),
+            "files": {k: Path(v).relative_to(out).as_posix() for k, v in result.items()},
+            "lora_rank": cfg.model.lora_rank if cfg.stage == STAGE_DETAIL else None,
+            "lora_alpha": cfg.model.lora_alpha if cfg.stage == STAGE_DETAIL else None,
+            "boundary_timestep": cfg.schedule.boundary_timestep,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / "export_info.json").write_text(json.dumps(info, indent=1))
+        # publish: replace an older export only once the new one is complete
+        if out.exists():
+            old = out.parent / f".old-{out.name}-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s stage to %s: %s", cfg.stage, out, ", ".join(f"{k}={Path(v).name}" for k, v in result.items()))
+    return result
+
+
+def export_from_trainer(trainer: Any) -> dict[str, str]:
+    """Export at the end of training (main process)."""
+    return export_model(trainer.cfg, trainer.student_unwrapped, trainer.run_dir / "export", step=trainer.global_step)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise DCMConfigError(f"{run_dir} is not a DCM run folder (no config.json written by `python -m dcm_core train`).")
+    return from_dict(json.loads(p.read_text()))
+
+
+def export_run(
+    run_dir: str | Path,
+    *,
+    checkpoint: str | None = None,
+    out_dir: str | Path | None = None,
+    name: str | None = None,
+    dtype: str | None = None,
+    native: bool | None = None,
+) -> dict[str, str]:
+    """Rebuild the student from the run's config + a checkpoint and export it (``python -m dcm_core export``)."""
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    path = ck.resolve_resume(checkpoint or "latest", run / "checkpoints")
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg)
+    tensors = ck.load_tensors(path / "trainable.safetensors")
+    named = dict(student.named_parameters())
+    missing = [n for n, p in named.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in named]
+    if missing or unknown:
+        raise DCMCheckpointError(
+            f"{path} does not match the model rebuilt from {run / 'config.json'}: {len(missing)} trainable tensors "
+            f"missing (e.g. {missing[:3]}), {len(unknown)} unknown (e.g. {unknown[:3]})."
+        )
+    with torch.no_grad():
+        for n, t in tensors.items():
+            named[n].copy_(t.to(named[n].dtype))
+    step = int(ck.load_json(path / "trainer_state.json")["global_step"])
+    return export_model(cfg, student, out_dir or run / "export", name=name, dtype=dtype, native=native, step=step)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "export",
+        help="export a training run (official combined layout + pack-native expert files)",
+        description=(
+            "Rebuild the trained student of RUN_DIR from its config.json and newest valid checkpoint and write "
+            "RUN_DIR/export/: transformer/ (diffusers; official DCM combined layout for the detail stage) and, for the "
+            "detail stage, NAME_semantic.safetensors + NAME_detail_expert.safetensors for ComfyUI."
+        ),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the training run folder (train's output_dir)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest valid one)")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--name", default=None, help="base name of the pack-native files (default: the run's export.name)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="dtype of the exported weights")
+    p.add_argument("--no-native", action="store_true", help="skip the pack-native files")
+    p.set_defaults(_run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    result = export_run(
+        args.run_dir,
+        checkpoint=args.checkpoint,
+        out_dir=args.out,
+        name=args.name,
+        dtype=args.dtype,
+        native=False if args.no_native else None,
+    )
+    for what, path in result.items():
+        print(f"{what}: {path}")
+    return 0

@@ -1,0 +1,164 @@
+"""The training-time PCM solver: grid look-ups, index sampling and the consistency arithmetic.
+
+This is the trainer's half of the math the sampler uses: the grid comes from
+:func:`dcm_core.schedule.pcm_grid` and every step from :mod:`dcm_core.flow`, so training
+targets and sampling steps are one definition (dcm-method.md §2, §5.2, §6.2).
+
+Stage semantic (single phase, boundary ``σ_b = sigmas_prev[K0]``)::
+
+    k ~ U{K0 … 49},  σ = sigmas[k],  σ' = sigmas_prev[k]
+    x_t  = σ·ε + (1−σ)·x0                                  flow.add_noise
+    ŷ    = x_t + (σ_b − σ)·v_student(x_t, σ)               flow.flow_step   (student jump)
+    x'   = x_t + (σ' − σ)·v_teacher(x_t, σ)                flow.flow_step   (one teacher Euler step)
+    y    = x' + (σ_b − σ')·v_target(x', σ')                flow.flow_step   (target jump, no grad)
+
+Stage detail: the same with ``k ~ U{0 … K0−1}`` and ``σ_b = σ_end = sigmas_prev[0]``, plus
+the adversarial re-noising of ŷ (fake) and y (real) with ONE shared noise to
+``σ_a = sigmas_prev[adv_index]``, ``adv_index ~ U{0 … K0−1}`` (:func:`flow.renoise`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..flow import add_noise, flow_step, renoise
+from ..schedule import DCM_SHIFT, NUM_TRAIN_TIMESTEPS, PCM_GRID_STEPS, pcm_grid
+from .config import STAGE_DETAIL, STAGE_SEMANTIC
+
+
+def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Teacher CFG in the official sense ``v_c + w·(v_c − v_u)`` (w = 5 for Wan: an effective scale of 6).
+
+    ``scale == 0`` (or no unconditional output) returns ``v_c`` unchanged (HunyuanVideo).
+    """
+    if scale == 0 or v_uncond is None:
+        return v_cond.float()
+    vc = v_cond.float()
+    return vc + scale * (vc - v_uncond.float())
+
+
+def renoise_coefficients(sigma_a: torch.Tensor | float, sigma_end: float) -> tuple:
+    """The two coefficients of the adversarial re-noising ``a·x + b·n`` (dcm-method.md §6.2 step 5).
+
+    ``a = (1 − σ_a)/(1 − σ_end)`` on the sample and ``b = (σ_a − σ_end)/(1 − σ_end)`` on the noise.
+    """
+    a = (1.0 - sigma_a) / (1.0 - sigma_end)
+    b = (sigma_a - sigma_end) / (1.0 - sigma_end)
+    return a, b
+
+
+@dataclass
+class IndexDraw:
+    """The per-sample grid indices and sigmas of one training step."""
+
+    index: torch.Tensor  # [B] long
+    sigma: torch.Tensor  # [B] float32, sigmas[k]
+    sigma_prev: torch.Tensor  # [B] float32, sigmas_prev[k]
+    sigma_boundary: float  # σ_b (semantic: sigmas_prev[K0]; detail: sigmas_prev[0])
+
+
+class PCMSolver:
+    """The 50-point PCM grid as float32 tensors plus the stage's index ranges.
+
+    Args:
+        stage: ``"semantic"`` or ``"detail"``.
+        k0: first grid index of the semantic sub-trajectory (Wan 35, HunyuanVideo 38).
+        shift: flow shift (17).
+        steps: grid size (50).
+    """
+
+    def __init__(self, stage: str, k0: int, shift: float = DCM_SHIFT, steps: int = PCM_GRID_STEPS) -> None:
+        if stage not in (STAGE_SEMANTIC, STAGE_DETAIL):
+            raise ValueError(f"stage must be 'semantic' or 'detail', got {stage!r}")
+        grid = pcm_grid(shift, steps)
+        if not 1 <= k0 <= grid.num_steps - 1:
+            raise ValueError(f"k0={k0} must lie in [1, {grid.num_steps - 1}]")
+        self.stage = stage
+        self.k0 = int(k0)
+        self.grid = grid
+        self.sigmas = torch.tensor(grid.sigmas, dtype=torch.float32)
+        self.sigmas_prev = torch.tensor(grid.sigmas_prev, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ ranges
+
+    @property
+    def index_range(self) -> tuple[int, int]:
+        """Half-open ``[lo, hi)`` range of the training index k."""
+        if self.stage == STAGE_SEMANTIC:
+            return self.k0, self.grid.num_steps
+        return 0, self.k0
+
+    @property
+    def boundary_index(self) -> int:
+        """The phase end of the stage: ``K0`` (semantic) or ``0`` (detail)."""
+        return self.k0 if self.stage == STAGE_SEMANTIC else 0
+
+    @property
+    def sigma_boundary(self) -> float:
+        """σ_b = ``sigmas_prev[boundary_index]``: Wan semantic 0.975410, HY 0.981763, detail 0.016732."""
+        return float(self.grid.sigmas_prev[self.boundary_index])
+
+    @property
+    def adv_index_range(self) -> tuple[int, int]:
+        """Half-open range of the adversarial index: ``end … end + K0 − 1`` with end = 0 (detail stage)."""
+        end = self.boundary_index
+        return end, end + self.k0
+
+    # ------------------------------------------------------------------ draws
+
+    def draw(self, batch: int, generator: torch.Generator) -> IndexDraw:
+        """Draw ``k`` per sample from the stage's range (official ``randint(lo, hi, (bsz,))``)."""
+        lo, hi = self.index_range
+        k = torch.randint(lo, hi, (batch,), generator=generator)
+        return IndexDraw(k, self.sigmas[k], self.sigmas_prev[k], self.sigma_boundary)
+
+    def draw_adv_index(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw the adversarial grid index per sample (share it across processes: see the trainer)."""
+        lo, hi = self.adv_index_range
+        return torch.randint(lo, hi, (batch,), generator=generator)
+
+    def adv_sigma(self, adv_index: torch.Tensor) -> torch.Tensor:
+        """σ_a = ``sigmas_prev[adv_index]``."""
+        return self.sigmas_prev[adv_index.cpu()]
+
+    # ------------------------------------------------------------------ arithmetic (dcm_core.flow)
+
+    @staticmethod
+    def noisy(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``x_t = σ·ε + (1−σ)·x0``."""
+        return add_noise(x0, noise, sigma)
+
+    @staticmethod
+    def jump(x: torch.Tensor, v: torch.Tensor, sigma_from, sigma_to) -> torch.Tensor:
+        """PCM single-phase prediction / Euler step ``x + (σ_to − σ_from)·v``."""
+        return flow_step(x, v, sigma_from, sigma_to)
+
+    def teacher_step(self, x_t: torch.Tensor, v_teacher: torch.Tensor, draw: IndexDraw) -> torch.Tensor:
+        """One teacher Euler step down the grid: ``x' = x_t + (σ' − σ)·v_T`` (official ``euler_step``)."""
+        return flow_step(x_t, v_teacher, draw.sigma, draw.sigma_prev)
+
+    def student_prediction(self, x_t: torch.Tensor, v_student: torch.Tensor, draw: IndexDraw) -> torch.Tensor:
+        """ŷ = ``x_t + (σ_b − σ)·v_s``."""
+        return flow_step(x_t, v_student, draw.sigma, draw.sigma_boundary)
+
+    def target(self, x_prev: torch.Tensor, v_target: torch.Tensor, draw: IndexDraw) -> torch.Tensor:
+        """y = ``x' + (σ_b − σ')·v_tgt`` (equals x' when k is the phase end, the boundary condition)."""
+        return flow_step(x_prev, v_target, draw.sigma_prev, draw.sigma_boundary)
+
+    def adversarial_pair(
+        self,
+        fake_x0: torch.Tensor,
+        real_x0: torch.Tensor,
+        noise: torch.Tensor,
+        sigma_a: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-noise ŷ (fake) and y (real) from σ_end to σ_a with ONE shared noise (dcm-method.md §6.2 step 5)."""
+        end = self.sigma_boundary
+        return renoise(fake_x0, noise, end, sigma_a), renoise(real_x0, noise, end, sigma_a)
+
+    @staticmethod
+    def timesteps(sigma: torch.Tensor) -> torch.Tensor:
+        """Network timesteps ``t = 1000·σ`` (float)."""
+        return sigma.to(torch.float32) * float(NUM_TRAIN_TIMESTEPS)

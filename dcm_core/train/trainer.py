@@ -1,0 +1,703 @@
+"""The DCM expert trainer: stage semantic and stage detail on accelerate (dcm-method.md §5, §6).
+
+Anatomy (the diffusers training-example layout):
+
+1. setup: accelerator, run folder, seeds, models (:mod:`.models`), data (:mod:`.data`),
+   discriminator (:mod:`.discriminator`), optimisers, LR schedule, EMA, resume;
+2. the step (:meth:`DCMTrainer.train_step`):
+
+   * stage semantic — ``k ~ U{K0…49}``; student jump to ``σ_prev[K0]``; one teacher Euler step
+     with CFG ``v_c + w(v_c − v_u)``; target = the online (or EMA) student jump from ``x'``
+     under ``no_grad``; loss = pseudo-Huber + Temporal Coherence (§5.2);
+   * stage detail — ``k ~ U{0…K0−1}`` to ``σ_prev[0]``; consistency loss; ŷ (fake) and y (real)
+     re-noised with ONE shared noise to ``σ_a = σ_prev[adv_index]``; hinge G ×5 on
+     discriminator heads over the frozen teacher's block features + feature matching on the
+     teacher-head-decoded features, total weight 0.1; then one discriminator hinge step (§6.2).
+     ``adv_index`` is drawn from a generator seeded identically on every process and
+     broadcast from process 0 (the official code forgot to share it, §6.5);
+3. checkpoints (:mod:`.checkpoint`), metrics, validation samples, export (:mod:`.export`).
+
+Everything random comes from named generators whose states are checkpointed, so a resumed
+run reproduces an uninterrupted one exactly. All grid arithmetic is :mod:`.solver` over
+:mod:`dcm_core.flow` / :mod:`dcm_core.schedule`, the same code the sampler uses.
+
+Test hook: with ``DCM_TRAIN_DEBUG_HANG_AFTER_CHECKPOINT=<step>`` in the environment the run
+sleeps after publishing that checkpoint (so a test can SIGKILL it at a known point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DCMCheckpointError, DCMConfigError
+from ..latents import from_model_space, to_model_space
+from ..schedule import FAMILY_WAN, build_sigmas, pcm_default_sigmas
+from . import checkpoint as ck
+from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
+from .data import Batch, DataStream, LatentDataset, apply_caption_dropout, collate, load_uncond, pad_uncond
+from .discriminator import Discriminator, TeacherFeatures
+from .losses import feature_matching, hinge_d_loss, hinge_g_loss, pseudo_huber, temporal_coherence
+from .models import Conditioning, StageModels, adapters_disabled, build_models, call_velocity
+from .solver import PCMSolver, cfg_velocity
+
+log = logging.getLogger("DCM.train")
+
+DEBUG_HANG_ENV = "DCM_TRAIN_DEBUG_HANG_AFTER_CHECKPOINT"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def lr_lambda_for(name: str, warmup: int, total: int):
+    """LR multiplier per step: constant / constant_with_warmup / linear / cosine (diffusers semantics)."""
+
+    def fn(step: int) -> float:
+        if name != "constant" and step < warmup:
+            return float(step) / float(max(1, warmup))
+        if name in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        if name == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return fn
+
+
+class EMA:
+    """EMA of the trainable parameters, used as the consistency target network (optim.use_ema)."""
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], decay: float) -> None:
+        self.decay = decay
+        self.params = dict(named)
+        self.shadow = {n: p.detach().clone() for n, p in named}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Temporarily put the EMA weights into the live parameters (no_grad use only)."""
+        for n, p in self.params.items():
+            p.data, self.shadow[n] = self.shadow[n], p.data
+        try:
+            yield
+        finally:
+            for n, p in self.params.items():
+                p.data, self.shadow[n] = self.shadow[n], p.data
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`DCMTrainer.train` returns (on every process; history only on the main one)."""
+
+    run_dir: Path
+    global_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    exported: dict[str, str] = field(default_factory=dict)
+    steps_per_second: float = 0.0
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+class DCMTrainer:
+    """One DCM training run (one stage).
+
+    Args:
+        cfg: the (unresolved or resolved) config; family-dependent defaults are resolved
+            once the pretrained model is loaded.
+        resume: ``None``, ``"latest"`` or a checkpoint folder.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        )
+        acc = self.accelerator
+        self.run_dir = Path(cfg.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.is_main = acc.is_main_process
+        if not self.is_main:
+            log.setLevel(max(log.level, logging.WARNING))
+
+        # 1. identical seeds everywhere while building (LoRA / discriminator init must agree)
+        self._seed_everything(cfg.seed)
+        self.models: StageModels = build_models(cfg)
+        self.family = self.models.family
+        self.cfg = cfg = cfg.resolved(self.family)
+        self.stage = cfg.stage
+        self.solver = PCMSolver(cfg.stage, cfg.schedule.k0, cfg.schedule.shift, cfg.schedule.grid_steps)
+        self.use_adv = cfg.stage == STAGE_DETAIL and cfg.loss.adv_weight > 0
+
+        # 2. data
+        if not cfg.data.path:
+            raise DCMConfigError("data.path is empty. Point it at a dataset folder written by `python -m dcm_core preprocess`.")
+        self.dataset = LatentDataset(cfg.data.path, cfg.data.num_latent_t)
+        self.data = DataStream(
+            self.dataset,
+            batch_size=cfg.data.batch_size,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.seed,
+            num_workers=cfg.data.num_workers,
+        )
+        self.uncond = load_uncond(self.dataset.root, cfg.data.uncond_embed)
+        needs_uncond = cfg.guidance.cfg_scale > 0 or cfg.data.caption_dropout > 0
+        if self.uncond is None and needs_uncond:
+            sample = self.dataset[0]
+            log.warning(
+                "no embedding of \"\" found (data.uncond_embed / <dataset>/uncond/): the teacher CFG and caption dropout "
+                "use an all-zero embedding instead. Re-run preprocess to write the real one."
+            )
+            self.uncond = (torch.zeros_like(sample.prompt_embed), torch.zeros_like(sample.prompt_mask))
+
+        # 3. discriminator on the frozen teacher
+        self.features: TeacherFeatures | None = None
+        self.disc: nn.Module | None = None
+        if self.use_adv:
+            self.features = TeacherFeatures(self.models.teacher, self.family, cfg.disc.stride)
+            self.disc = Discriminator(self.features.num_features, self.features.feature_dim, cfg.disc.inner_channels)
+
+        # 4. optimisers, schedule, EMA
+        self.trainable = self.models.trainable()
+        if not self.trainable:
+            raise DCMConfigError("no trainable parameters: check model.semantic_lora / the detail expert setup.")
+        params = [p for _, p in self.trainable]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda_for(o.lr_scheduler, o.lr_warmup_steps, cfg.max_train_steps)
+        )
+        self.ema = EMA(self.trainable, o.ema_decay) if o.use_ema else None
+        self.d_optimizer = None
+        if self.disc is not None:
+            self.d_optimizer = torch.optim.AdamW(
+                self.disc.parameters(), lr=cfg.disc.lr, betas=tuple(cfg.disc.betas), weight_decay=cfg.disc.weight_decay
+            )
+
+        # 5. devices / processes
+        self.student_unwrapped = self.models.student
+        if self.disc is not None:
+            self.student, self.optimizer, self.disc, self.d_optimizer = acc.prepare(
+                self.models.student, self.optimizer, self.disc, self.d_optimizer
+            )
+            self.disc_unwrapped = acc.unwrap_model(self.disc)
+        else:
+            self.student, self.optimizer = acc.prepare(self.models.student, self.optimizer)
+            self.disc_unwrapped = None
+        if self.models.teacher is not None:
+            self.models.teacher.to(acc.device)
+        if self.ema is not None:
+            self.ema.shadow = {n: t.to(acc.device) for n, t in self.ema.shadow.items()}
+
+        # 6. per-process randomness (noise, indices, dropout) and the process-shared one (adv index)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + acc.process_index)
+        self.shared_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
+        self._seed_everything(cfg.seed + acc.process_index)
+        self.global_step = 0
+        self.history: list[dict[str, float]] = []
+        self._tb = None
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+        if resume:
+            self._resume(resume)
+        n_train = sum(p.numel() for p in params)
+        log.info(
+            "DCM %s stage, %s: %s trainable parameters (%d tensors), %d samples, %d process(es), k in %s, σ_b=%.6f%s",
+            cfg.stage,
+            self.family,
+            f"{n_train:,}",
+            len(params),
+            len(self.dataset),
+            acc.num_processes,
+            self.solver.index_range,
+            self.solver.sigma_boundary,
+            f", {self.features.num_features} discriminator heads" if self.features else "",
+        )
+
+    # ------------------------------------------------------------------ seeds / resume
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"train": self.gen, "shared": self.shared_gen}
+
+    def _resume(self, resume: str) -> None:
+        path = ck.resolve_resume(resume, self.ckpt_root)
+        state = ck.load_json(path / "trainer_state.json")
+        saved = state.get("config", {})
+        for key in ("stage",):
+            if saved.get(key) != getattr(self.cfg, key):
+                raise DCMCheckpointError(f"checkpoint {path} is from the {saved.get(key)} stage, this run is {getattr(self.cfg, key)}.")
+        if saved.get("model", {}).get("family") not in (None, self.family):
+            raise DCMCheckpointError(f"checkpoint {path} is for {saved['model']['family']}, this run is {self.family}.")
+        diffs = _config_diff(saved, self.cfg.to_dict())
+        diffs = [d for d in diffs if not d.startswith(("max_train_steps", "checkpoint.", "logging.", "validation.", "export."))]
+        if diffs:
+            log.warning("resuming with a changed config (%s); the continuation will not match an uninterrupted run.", "; ".join(diffs[:6]))
+        # weights
+        tensors = ck.load_tensors(path / "trainable.safetensors")
+        names = {n for n, _ in self.trainable}
+        if set(tensors) != names:
+            raise DCMCheckpointError(
+                f"checkpoint {path} holds {len(tensors)} trainable tensors, the model has {len(names)} "
+                f"(e.g. missing {sorted(names - set(tensors))[:3]}); the config changed the trainable set."
+            )
+        with torch.no_grad():
+            for n, p in self.trainable:
+                p.copy_(tensors[n].to(p.device, p.dtype))
+        if self.ema is not None:
+            shadow = ck.load_tensors(path / "ema.safetensors")
+            self.ema.shadow = {n: shadow[n].to(self.accelerator.device) for n in self.ema.shadow}
+        if self.disc_unwrapped is not None:
+            self.disc_unwrapped.load_state_dict(ck.load_tensors(path / "discriminator.safetensors"))
+            d_sd = ck.optimizer_from_flat(
+                ck.load_tensors(path / "disc_optimizer.safetensors"), ck.load_json(path / "disc_optimizer.json")
+            )
+            self.d_optimizer.load_state_dict(d_sd)
+        opt_sd = ck.optimizer_from_flat(ck.load_tensors(path / "optimizer.safetensors"), ck.load_json(path / "optimizer.json"))
+        self.optimizer.load_state_dict(opt_sd)
+        self.lr_scheduler.load_state_dict(ck.load_json(path / "scheduler.json"))
+        self.global_step = int(state["global_step"])
+        n_saved = int(state.get("num_processes", 1))
+        rank = self.accelerator.process_index
+        if n_saved == self.accelerator.num_processes:
+            self.data.load_state(state["data"][rank])
+            rng_t = ck.load_tensors(path / f"rng-rank{rank}.safetensors")
+            ck.restore_rng(rng_t, ck.load_json(path / f"rng-rank{rank}.json"), self._generators())
+        else:
+            log.warning(
+                "checkpoint was written by %d process(es), this run has %d: the data position and RNG streams restart "
+                "at the saved epoch, so the continuation is not bit-identical.",
+                n_saved,
+                self.accelerator.num_processes,
+            )
+            self.data.load_state({"epoch": state["data"][0]["epoch"] + 1, "batch_in_epoch": 0})
+        log.info("resumed from %s at step %d", path, self.global_step)
+
+    # ------------------------------------------------------------------ forwards
+
+    def _cond(self, batch: Batch) -> Conditioning:
+        pooled_dim = int(getattr(self.student_unwrapped.config, "pooled_projection_dim", 768) or 768)
+        return Conditioning.from_batch(
+            self.family, batch.prompt_embeds, batch.prompt_masks, guidance=self.cfg.guidance.embedded_guidance, pooled_dim=pooled_dim
+        )
+
+    def _uncond_batch(self, batch: Batch) -> Conditioning:
+        b, n, _ = batch.prompt_embeds.shape
+        e, m = pad_uncond(self.uncond, n, batch.prompt_masks.shape[1])
+        ub = Batch(
+            batch.latents,
+            e.to(batch.prompt_embeds.device, batch.prompt_embeds.dtype).unsqueeze(0).expand(b, -1, -1),
+            m.to(batch.prompt_masks.device).unsqueeze(0).expand(b, -1),
+            batch.indices,
+            [""] * b,
+        )
+        return self._cond(ub)
+
+    def _teacher_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if self.models.teacher is None:  # semantic LoRA: the teacher is the student with adapters off
+            with adapters_disabled(self.student_unwrapped):
+                return call_velocity(self.student_unwrapped, self.student_unwrapped, x, sigma, cond)
+        return call_velocity(self.models.teacher, self.models.teacher, x, sigma, cond)
+
+    @torch.no_grad()
+    def _teacher_guided(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:
+        """Teacher velocity with the official CFG ``v_c + w(v_c − v_u)`` (w = 0: plain ``v_c``)."""
+        v_c = self._teacher_velocity(x, sigma, cond)
+        w = float(self.cfg.guidance.cfg_scale)
+        if w == 0:
+            return v_c
+        v_u = self._teacher_velocity(x, sigma, self._uncond_batch(batch))
+        return cfg_velocity(v_c, v_u, w)
+
+    @torch.no_grad()
+    def _target_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        ctx = self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
+        with ctx:
+            return call_velocity(self.student_unwrapped, self.student_unwrapped, x, sigma, cond, self.models.student_expert)
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step (``gradient_accumulation_steps`` micro-batches) of the generator, then of D."""
+        cfg, acc, solver = self.cfg, self.accelerator, self.solver
+        accum = cfg.gradient_accumulation_steps
+        logs: dict[str, float] = {}
+        stash: list[tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int, int]]] = []
+        self.optimizer.zero_grad(set_to_none=True)
+
+        def add(key: str, value: torch.Tensor | float) -> None:
+            v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            logs[key] = logs.get(key, 0.0) + v / accum
+
+        for micro in range(accum):
+            batch = self.data.next()
+            batch, _ = apply_caption_dropout(batch, self.uncond, cfg.data.caption_dropout, self.gen)
+            x0_raw = batch.latents.float()
+            b = x0_raw.shape[0]
+            noise = torch.randn(x0_raw.shape, generator=self.gen)
+            draw = solver.draw(b, self.gen)
+            if self.use_adv:
+                adv_index = solver.draw_adv_index(b, self.shared_gen)
+                adv_noise = torch.randn(x0_raw.shape, generator=self.gen)
+            batch = batch.to(acc.device)
+            x0 = to_model_space(batch.latents.float(), self.family)
+            noise = noise.to(acc.device)
+            cond = self._cond(batch)
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.student)
+            with sync:
+                # 1. noisy input and the student's jump to the phase boundary (with grad)
+                x_t = solver.noisy(x0, noise, draw.sigma)
+                with acc.autocast():
+                    v_s = call_velocity(self.student, self.student_unwrapped, x_t, draw.sigma, cond, self.models.student_expert)
+                pred = solver.student_prediction(x_t, v_s, draw)
+                # 2. one teacher Euler step (CFG), 3. the target network's jump from x' (no grad)
+                with torch.no_grad(), acc.autocast():
+                    v_t = self._teacher_guided(x_t, draw.sigma, cond, batch)
+                    x_prev = solver.teacher_step(x_t, v_t, draw)
+                    v_tgt = self._target_velocity(x_prev, draw.sigma_prev, cond)
+                    target = solver.target(x_prev, v_tgt, draw)
+                # 4. losses
+                l_cd = pseudo_huber(pred, target, cfg.loss.huber_c)
+                loss = l_cd
+                add("loss_cd", l_cd)
+                if cfg.stage == STAGE_SEMANTIC and cfg.loss.tc_weight > 0:
+                    l_tc = temporal_coherence(pred, target, cfg.loss.tc_stride)
+                    loss = loss + cfg.loss.tc_weight * l_tc
+                    add("loss_tc", l_tc)
+                if self.use_adv:
+                    adv_index = self._share(adv_index)
+                    sigma_a = solver.adv_sigma(adv_index)
+                    fake, real = solver.adversarial_pair(pred, target, adv_noise.to(acc.device), sigma_a)
+                    l_g, l_fm, raw_f, raw_r, grid = self._generator_adversarial(fake, real, sigma_a, cond)
+                    adv = cfg.loss.gan_g_weight * l_g + cfg.loss.fm_weight * l_fm
+                    loss = loss + cfg.loss.adv_weight * adv
+                    add("loss_g", l_g)
+                    add("loss_fm", l_fm)
+                    add("sigma_adv", sigma_a.mean())
+                    stash.append((raw_f, raw_r, grid))
+                add("loss", loss)
+                add("sigma", draw.sigma.mean())
+                acc.backward(loss / accum)
+
+        # 5. generator update
+        grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        logs["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        logs["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+
+        # 6. discriminator update on the (detached) features of this step
+        if stash:
+            self.disc_unwrapped.requires_grad_(True)
+            self.d_optimizer.zero_grad(set_to_none=True)
+            for i, (raw_f, raw_r, grid) in enumerate(stash):
+                sync = contextlib.nullcontext() if i == len(stash) - 1 else acc.no_sync(self.disc)
+                with sync:
+                    with acc.autocast():
+                        logits_f = self.disc(raw_f, grid)
+                        logits_r = self.disc(raw_r, grid)
+                    l_d = hinge_d_loss(logits_f, logits_r)
+                    acc.backward(l_d / len(stash))
+                add("loss_d", l_d)
+            d_norm = acc.clip_grad_norm_(self.disc.parameters(), cfg.optim.max_grad_norm)
+            self.d_optimizer.step()
+            self.d_optimizer.zero_grad(set_to_none=True)
+            logs["d_grad_norm"] = float(d_norm) if d_norm is not None else 0.0
+        return logs
+
+    def _share(self, t: torch.Tensor) -> torch.Tensor:
+        """Make every process use process 0's value (the official code does not, §6.5)."""
+        if self.accelerator.num_processes == 1:
+            return t
+        from accelerate.utils import broadcast
+
+        return broadcast(t.to(self.accelerator.device), from_process=0).cpu()
+
+    def _generator_adversarial(
+        self, fake: torch.Tensor, real: torch.Tensor, sigma_a: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], tuple[int, int, int]]:
+        """Hinge-G and feature-matching terms; returns detached raw features for the D step.
+
+        The teacher runs on ``fake`` WITH gradient (it flows through the frozen teacher into ŷ) and
+        on ``real`` without; the discriminator is frozen for this part.
+        """
+        acc = self.accelerator
+        teacher = self.models.teacher
+
+        def fwd(x: torch.Tensor) -> torch.Tensor:
+            return call_velocity(teacher, teacher, x, sigma_a, cond)
+
+        self.disc_unwrapped.requires_grad_(False)
+        with acc.autocast():
+            out_f = self.features.run(fwd, fake)
+            with torch.no_grad():
+                out_r = self.features.run(fwd, real)
+            l_fm = feature_matching(out_f.decoded, out_r.decoded)
+            logits = self.disc_unwrapped(out_f.raw, out_f.grid)
+        l_g = hinge_g_loss(logits)
+        raw_f = [r.detach() for r in out_f.raw]
+        raw_r = [r.detach() for r in out_r.raw]
+        return l_g, l_fm, raw_f, raw_r, out_f.grid
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoint ``global_step`` atomically (every process writes its RNG file)."""
+        acc = self.accelerator
+        writer = ck.CheckpointWriter(self.ckpt_root, self.global_step)
+        if self.is_main:
+            writer.prepare()
+        acc.wait_for_everyone()
+        rank = acc.process_index
+        rng_t, rng_m = ck.rng_state(self._generators())
+        writer.tensors(f"rng-rank{rank}.safetensors", rng_t)
+        writer.json(f"rng-rank{rank}.json", rng_m)
+        data_states = self._gather_data_states()
+        if self.is_main:
+            writer.tensors("trainable.safetensors", {n: p.detach().float() for n, p in self.trainable})
+            if self.ema is not None:
+                writer.tensors("ema.safetensors", self.ema.shadow)
+            t, m = ck.optimizer_to_flat(self.optimizer.state_dict())
+            writer.tensors("optimizer.safetensors", t)
+            writer.json("optimizer.json", m)
+            if self.disc_unwrapped is not None:
+                writer.tensors("discriminator.safetensors", self.disc_unwrapped.state_dict())
+                t, m = ck.optimizer_to_flat(self.d_optimizer.state_dict())
+                writer.tensors("disc_optimizer.safetensors", t)
+                writer.json("disc_optimizer.json", m)
+            writer.json("scheduler.json", ck.scheduler_state(self.lr_scheduler))
+            writer.json(
+                "trainer_state.json",
+                {
+                    "global_step": self.global_step,
+                    "num_processes": acc.num_processes,
+                    "data": data_states,
+                    "stage": self.stage,
+                    "family": self.family,
+                    "config": self.cfg.to_dict(),
+                },
+            )
+        acc.wait_for_everyone()
+        path = None
+        if self.is_main:
+            path = writer.commit()
+            removed = ck.rotate(self.ckpt_root, self.cfg.checkpoint.keep)
+            log.info("saved %s%s", path, f" (removed {len(removed)} old)" if removed else "")
+        acc.wait_for_everyone()
+        hang = os.environ.get(DEBUG_HANG_ENV)
+        if hang and int(hang) == self.global_step:
+            log.warning("%s=%s: sleeping after the checkpoint (test hook)", DEBUG_HANG_ENV, hang)
+            while True:
+                time.sleep(3600)
+        return path
+
+    def _gather_data_states(self) -> list[dict[str, int]]:
+        acc = self.accelerator
+        mine = torch.tensor([self.data.epoch, self.data.batch_in_epoch], dtype=torch.long, device=acc.device)
+        if acc.num_processes == 1:
+            allv = mine.unsqueeze(0)
+        else:
+            from accelerate.utils import gather
+
+            allv = gather(mine.unsqueeze(0))
+        return [{"epoch": int(e), "batch_in_epoch": int(b)} for e, b in allv.cpu().tolist()]
+
+    # ------------------------------------------------------------------ logging / validation
+
+    def _log(self, logs: dict[str, float], dt: float) -> None:
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            keys = sorted(logs)
+            t = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=acc.device)
+            t = acc.reduce(t, reduction="mean")
+            logs = dict(zip(keys, t.cpu().tolist()))
+        rec = {"step": self.global_step, **{k: float(v) for k, v in logs.items()}, "step_time_s": dt}
+        for k in ("loss", "loss_cd"):
+            if k in rec and not math.isfinite(rec[k]):
+                raise FloatingPointError(f"{k} is {rec[k]} at step {self.global_step}; lower optim.lr or check the data.")
+        if not self.is_main:
+            return
+        self.history.append(rec)
+        if self.global_step % max(1, self.cfg.logging.log_every) == 0 or self.global_step == self.cfg.max_train_steps:
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            if self._tb is not None:
+                for k, v in rec.items():
+                    if k != "step":
+                        self._tb.add_scalar(f"train/{k}", v, self.global_step)
+
+    def _open_tensorboard(self) -> None:
+        if not (self.is_main and self.cfg.logging.tensorboard):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            log.warning("logging.tensorboard = true but the tensorboard package is not installed; metrics go to %s only.", METRICS_FILE)
+            return
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        """Sample validation latents with :func:`dcm_core.sampler.sample_dcm` (main process)."""
+        if not self.is_main:
+            return None
+        from ..sampler import sample_dcm
+
+        cfg, v = self.cfg, self.cfg.validation
+        n = min(v.num_samples, len(self.dataset))
+        batch = collate([self.dataset[i] for i in range(n)]).to(self.accelerator.device)
+        cond = self._cond(batch)
+        model = self.student_unwrapped
+        boundary = float(cfg.schedule.boundary_timestep)
+        if v.sigmas:
+            sigmas = _parse_sigma_option(v.sigmas, v.steps, boundary, cfg.schedule.shift)
+        elif cfg.stage == STAGE_SEMANTIC:
+            sigmas = pcm_default_sigmas(v.steps, cfg.schedule.shift)
+        else:
+            sigmas = build_sigmas("wan2.1-t2v-6step" if self.family == FAMILY_WAN else "hunyuan-t2v-4step")
+        shape = batch.latents.shape
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(v.seed)).to(self.accelerator.device)
+
+        def model_fn(x: torch.Tensor, sigma: float, expert: str) -> torch.Tensor:
+            # semantic stage: the student is the only expert; detail stage: routed per step
+            e = expert if self.stage == STAGE_DETAIL else STAGE_SEMANTIC
+            s = torch.full((x.shape[0],), float(sigma))
+            with self.accelerator.autocast():
+                return call_velocity(model, model, x, s, cond, e)
+
+        was_training = model.training
+        model.eval()
+        try:
+            x = sample_dcm(model_fn, noise, sigmas, boundary)
+        finally:
+            model.train(was_training)
+        out_dir = self.run_dir / "validation"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"step-{self.global_step:08d}.safetensors"
+        raw = from_model_space(x.float().cpu(), self.family)
+        ck.save_tensors(
+            path,
+            {"latents": raw},
+            metadata={"sigmas": json.dumps(sigmas), "captions": json.dumps(batch.captions), "family": self.family},
+        )
+        if v.vae:
+            try:
+                from .video_io import decode_latents_to_mp4
+
+                fps = v.fps or (16 if self.family == FAMILY_WAN else 24)
+                decode_latents_to_mp4(v.vae, self.family, raw, path.with_suffix(""), fps=fps)
+            except Exception as e:  # decoding is a convenience; never kill the run for it
+                log.warning("validation decode failed (%s); the latents are saved in %s", e, path)
+        log.info("validation sample: %s", path)
+        return path
+
+    # ------------------------------------------------------------------ main loop
+
+    def train(self) -> TrainResult:
+        """Run until ``max_train_steps``; checkpoint, validate and export on schedule."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self._open_tensorboard()
+        total = cfg.max_train_steps
+        bar = tqdm(
+            total=total,
+            initial=self.global_step,
+            desc=f"DCM {cfg.stage}",
+            disable=not (self.is_main and cfg.logging.progress_bar),
+            dynamic_ncols=True,
+        )
+        t_start, s_start = time.perf_counter(), self.global_step
+        last_saved = self.global_step if self.global_step else -1
+        while self.global_step < total:
+            t0 = time.perf_counter()
+            logs = self.train_step()
+            self.global_step += 1
+            dt = time.perf_counter() - t0
+            self._log(logs, dt)
+            bar.update(1)
+            bar.set_postfix({k: f"{logs[k]:.4g}" for k in ("loss", "loss_cd", "loss_tc", "loss_g", "loss_d") if k in logs})
+            if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
+                self.save_checkpoint()
+                last_saved = self.global_step
+            if cfg.validation.every_steps and self.global_step % cfg.validation.every_steps == 0:
+                self.validate()
+                acc.wait_for_everyone()
+        bar.close()
+        elapsed = time.perf_counter() - t_start
+        sps = (self.global_step - s_start) / elapsed if elapsed > 0 else 0.0
+        if last_saved != self.global_step:
+            self.save_checkpoint()
+        exported: dict[str, str] = {}
+        if cfg.export.at_end:
+            acc.wait_for_everyone()
+            if self.is_main:
+                from .export import export_from_trainer
+
+                exported = export_from_trainer(self)
+            acc.wait_for_everyone()
+        if self._tb is not None:
+            self._tb.close()
+        if self.is_main:
+            log.info("finished %d steps (%.3f steps/s); run folder %s", self.global_step, sps, self.run_dir)
+        acc.end_training()
+        return TrainResult(self.run_dir, self.global_step, self.history, exported, sps)
+
+
+def _parse_sigma_option(text: str, steps: int, boundary: float, shift: float) -> list[float]:
+    from ..schedule import PRESET_NAMES, parse_custom_sigmas
+
+    name = text.strip()
+    if name in PRESET_NAMES:
+        return build_sigmas(name, steps=steps, boundary_timestep=boundary, shift=shift)
+    return parse_custom_sigmas(name)
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "tiny_config":
+            out += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Build a :class:`DCMTrainer` and run it."""
+    return DCMTrainer(cfg, resume).train()
