@@ -108,6 +108,11 @@ class ComfyHarness:
 
 
 def _boot(base: Path, comfy_path: Path) -> ComfyHarness:
+    import torch
+
+    # Tiny models on shared CPU cores: intra-op threads only add contention (measured 14× slower
+    # per sampling step with 2 threads on a loaded 2-core box).
+    torch.set_num_threads(1)
     sys.path.insert(0, str(comfy_path))
     from comfy.cli_args import args
 
@@ -149,3 +154,173 @@ def comfy(tmp_path_factory):
     missing = [n for n in ("DCMCheckpointLoader", "DCMDualExpertSampler") if n not in nodes.NODE_CLASS_MAPPINGS]
     h.pack_loaded = not missing
     return h
+
+
+# --------------------------------------------------------------------------- DCM tiny world
+#
+# Tiny official-layout DCM checkpoints (dcm_core.tiny) for both families, written into the temporary
+# ComfyUI model folders, plus the diffusers+peft reference and API-prompt builders. Session-scoped:
+# built once (~1 s) and shared by the node tests.
+
+LATENT_W = LATENT_H = 32  # → 4×4 latent
+LATENT_FRAMES = 5  # → 2 latent frames
+COND_SEED, NEG_SEED, COND_TOKENS = 5, 6, 8
+
+
+@dataclass
+class TinyFamily:
+    family: str
+    model: object  # diffusers transformer with the detail expert (reference)
+    official: str  # file name in models/diffusion_models
+    semantic: str  # converted semantic file (models/diffusion_models)
+    detail: str  # converted detail-expert file (models/loras)
+    boundary: float
+    preset: str
+
+    @property
+    def hunyuan(self) -> bool:
+        return self.family == "hunyuan_video"
+
+
+class DCMWorld:
+    """Tiny DCM files in the harness's model folders + reference sampler + prompt builders."""
+
+    def __init__(self, harness: ComfyHarness, tmp: Path):
+        import torch
+
+        from dcm_core import tiny
+        from dcm_core.formats import convert_official
+        from dcm_core.schedule import DEFAULT_BOUNDARY_TIMESTEP, DEFAULT_PRESET
+
+        self.h = harness
+        self.families: dict[str, TinyFamily] = {}
+        diff_dir, lora_dir = harness.model_dir("diffusion_models"), harness.model_dir("loras")
+        for fam, cfg, short in (
+            ("wan", tiny.wan_config(num_layers=2), "wan"),
+            ("hunyuan_video", tiny.hunyuan_config(), "hy"),
+        ):
+            model = tiny.make_official_model(fam, cfg, rank=4, alpha=8.0, seed=3)
+            official = f"dcm_tiny_{short}.safetensors"
+            tiny.save_official_checkpoint(model, diff_dir / official, metadata={"lora_alpha": "8"})
+            res = convert_official(diff_dir / official, tmp / f"conv_{short}", dtype="fp32", name=f"dcm_tiny_{short}", progress=False)
+            sem = diff_dir / res.semantic_path.name
+            det = lora_dir / res.detail_path.name
+            os.replace(res.semantic_path, sem)
+            os.replace(res.detail_path, det)
+            self.families[fam] = TinyFamily(
+                fam, model, official, sem.name, det.name, DEFAULT_BOUNDARY_TIMESTEP[fam], DEFAULT_PRESET[fam]
+            )
+        self.torch = torch
+
+    # ---- references
+    def cond(self, family: str, batch: int = 1, seed: int = COND_SEED):
+        """What DCMTestConditioning(seed, COND_TOKENS, batch, 4096, hunyuan) produces."""
+        torch = self.torch
+        g = torch.Generator().manual_seed(seed)
+        ctx = torch.randn(batch, COND_TOKENS, 4096, generator=g)
+        pooled = torch.randn(batch, 768, generator=g) if family == "hunyuan_video" else None
+        return ctx, pooled
+
+    def empty_latent(self, batch: int = 1):
+        return self.torch.zeros(batch, 16, (LATENT_FRAMES - 1) // 4 + 1, LATENT_H // 8, LATENT_W // 8)
+
+    def noise(self, seed: int, batch: int = 1):
+        import comfy.sample
+
+        return comfy.sample.prepare_noise(self.empty_latent(batch), seed)
+
+    def reference(self, family: str, seed: int, sigmas, boundary: float, batch: int = 1, cond_batch: int = 1):
+        """dcm_core.sampler.sample_dcm over the diffusers+peft model → ComfyUI (raw VAE) latent space."""
+        from dcm_core.latents import from_model_space
+        from dcm_core.modeling import velocity
+        from dcm_core.sampler import sample_dcm
+
+        torch = self.torch
+        fam = self.families[family]
+        ctx, pooled = self.cond(family, cond_batch)
+        reps = batch // cond_batch
+        ctx = ctx.repeat(reps, 1, 1)
+        kwargs = {}
+        if fam.hunyuan:
+            kwargs = dict(
+                encoder_attention_mask=torch.ones(ctx.shape[:2], dtype=torch.long),
+                pooled_projections=pooled.repeat(reps, 1),
+                guidance=torch.full((batch,), 6000.0),
+            )
+
+        def model_fn(x, sigma, expert):
+            return velocity(fam.model, x, sigma, ctx, expert, **kwargs)
+
+        with torch.no_grad():
+            x = sample_dcm(model_fn, self.noise(seed, batch), sigmas, boundary)
+        return from_model_space(x, family)
+
+    # ---- prompts
+    def sampler_prompt(
+        self,
+        family: str,
+        *,
+        seed: int = 42,
+        preset: str | None = None,
+        boundary: float | None = None,
+        batch: int = 1,
+        cond_batch: int = 1,
+        key: str = "out",
+        record: bool = False,
+        cfg: tuple[float, float] = (1.0, 1.0),
+        ckpt: str | None = None,
+        schedule: dict | None = None,
+    ) -> dict:
+        """API prompt: DCMCheckpointLoader → (record) → DCMDualExpertSampler → DCMTestCapture."""
+        fam = self.families[family]
+        p: dict = {
+            "1": {"class_type": "DCMCheckpointLoader", "inputs": {"ckpt_name": ckpt or fam.official, "weight_dtype": "default"}},
+            "2": {"class_type": "DCMTestConditioning", "inputs": {"seed": COND_SEED, "tokens": COND_TOKENS, "batch": cond_batch, "dim": 4096, "hunyuan": fam.hunyuan, "guidance": 6.0}},
+            "3": {"class_type": "DCMTestConditioning", "inputs": {"seed": NEG_SEED, "tokens": COND_TOKENS, "batch": cond_batch, "dim": 4096, "hunyuan": fam.hunyuan, "guidance": 6.0}},
+            "4": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": LATENT_W, "height": LATENT_H, "length": LATENT_FRAMES, "batch_size": batch}},
+            "5": {"class_type": "DCMDualExpertSampler", "inputs": {
+                "semantic_model": ["1", 0], "detail_model": ["1", 1], "positive": ["2", 0], "negative": ["3", 0],
+                "latent_image": ["4", 0], "seed": seed, "preset": preset or fam.preset,
+                "boundary_timestep": fam.boundary if boundary is None else boundary,
+                "cfg_semantic": cfg[0], "cfg_detail": cfg[1],
+            }},
+            "6": {"class_type": "DCMTestCapture", "inputs": {"samples": ["5", 0], "key": key}},
+        }
+        if record:
+            p["7"] = {"class_type": "DCMTestRecordCalls", "inputs": {"model": ["1", 0], "tag": "semantic"}}
+            p["8"] = {"class_type": "DCMTestRecordCalls", "inputs": {"model": ["1", 1], "tag": "detail"}}
+            p["5"]["inputs"]["semantic_model"] = ["7", 0]
+            p["5"]["inputs"]["detail_model"] = ["8", 0]
+        if schedule is not None:
+            p["9"] = {"class_type": "DCMSchedule", "inputs": schedule}
+            p["5"]["inputs"]["sigmas"] = ["9", 0]
+        return p
+
+    # ---- runs
+    def run(self, prompt: dict, key: str = "out", *, executor=None):
+        import nodes
+
+        store = nodes.NODE_CLASS_MAPPINGS["DCMTestCapture"].STORE
+        store.pop(key, None)
+        res = self.h.run(prompt, executor=executor)
+        assert res.success, res.error_text()
+        return store[key]["samples"]
+
+    def calls(self) -> list:
+        import nodes
+
+        return nodes.NODE_CLASS_MAPPINGS["DCMTestRecordCalls"].CALLS
+
+    def loading(self):
+        return self.h.pack_module("dcm_core.comfy_adapter.loading")
+
+    def sampling(self):
+        return self.h.pack_module("dcm_core.comfy_adapter.sampling")
+
+
+@pytest.fixture(scope="session")
+def dcm(comfy, tmp_path_factory):
+    """The tiny DCM world (requires the pack to be loaded)."""
+    if not getattr(comfy, "pack_loaded", False):
+        pytest.fail("the DCM pack did not load into ComfyUI (see the log for 'Cannot import')")
+    return DCMWorld(comfy, tmp_path_factory.mktemp("dcm_world"))

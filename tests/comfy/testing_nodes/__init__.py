@@ -1,9 +1,19 @@
-"""Test-only ComfyUI nodes (never shipped): inject conditioning without a text encoder."""
+"""Test-only ComfyUI nodes (never shipped).
+
+* ``DCMTestConditioning`` — conditioning without a text encoder.
+* ``DCMTestCapture``      — output node that keeps a LATENT in ``DCMTestCapture.STORE[key]``.
+* ``DCMTestRecordCalls``  — clones a MODEL and records ``(tag, timestep)`` of every diffusion-model
+  call into ``DCMTestRecordCalls.CALLS`` (a ``DIFFUSION_MODEL`` wrapper).
+
+Class-level containers are mutated, never reassigned: V3 runs a shallow class clone per execution.
+"""
 
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import ComfyExtension, io
+
+import comfy.patcher_extension
 
 
 class DCMTestConditioning(io.ComfyNode):
@@ -36,9 +46,62 @@ class DCMTestConditioning(io.ComfyNode):
         return io.NodeOutput([[ctx, extra]])
 
 
+class DCMTestCapture(io.ComfyNode):
+    """Keep a LATENT for the test (``STORE[key]``)."""
+
+    STORE: dict = {}
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DCMTestCapture",
+            category="testing/DCM",
+            inputs=[io.Latent.Input("samples"), io.String.Input("key", default="out")],
+            outputs=[],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, samples, key):
+        return float("nan")  # never equal to the last run: always store, even when upstream is cached
+
+    @classmethod
+    def execute(cls, samples, key):
+        cls.STORE[key] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in samples.items()}
+        return io.NodeOutput()
+
+
+class DCMTestRecordCalls(io.ComfyNode):
+    """Clone a MODEL and record (tag, timestep) of each diffusion-model call into ``CALLS``."""
+
+    CALLS: list = []
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DCMTestRecordCalls",
+            category="testing/DCM",
+            inputs=[io.Model.Input("model"), io.String.Input("tag", default="model")],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, tag):
+        calls = DCMTestRecordCalls.CALLS
+
+        def record(executor, x, timestep, *args, **kwargs):
+            calls.append((tag, float(timestep.flatten()[0])))
+            return executor(x, timestep, *args, **kwargs)
+
+        m = model.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "dcm_test_record", record)
+        return io.NodeOutput(m)
+
+
 class _Ext(ComfyExtension):
     async def get_node_list(self):
-        return [DCMTestConditioning]
+        return [DCMTestConditioning, DCMTestCapture, DCMTestRecordCalls]
 
 
 async def comfy_entrypoint():
