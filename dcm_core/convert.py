@@ -18,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
@@ -33,7 +34,17 @@ from .formats.experts import (
     produce_semantic,
     semantic_out_dtype,
 )
-from .formats.safetensors_io import PlannedTensor, SafeReader, StreamingWriter, dtype_name, parse_dtype, read_header
+from .formats.safetensors_io import (
+    TORCH_TO_ST,
+    Header,
+    PlannedTensor,
+    SafeReader,
+    StreamingWriter,
+    TensorEntry,
+    dtype_name,
+    parse_dtype,
+    read_header,
+)
 
 log = logging.getLogger("DCM.formats")
 
@@ -83,17 +94,70 @@ def convert_official(
                 f"*_semantic file to models/diffusion_models and the *_detail_expert file to models/loras."
             )
         raise DCMUnsupportedFileError(unsupported_message(info, wanted="an official DCM checkpoint"))
-    tdtype = parse_dtype(dtype, what="--dtype")
     stem = _check_name(name) if name is not None else default_name(header.path)
+    with SafeReader(header.path, header) as r:
+        return _write_pair(header, r.get, info, out_dir, stem, dtype, progress, source=header.path)
+
+
+def export_official_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    lora_alpha: float,
+    dtype: str | torch.dtype | None = "bf16",
+    progress: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> ConvertResult:
+    """Write the two pack-native files from an in-memory official-layout state dict.
+
+    ``sd`` is ``model.state_dict()`` of a diffusers transformer carrying the detail expert
+    (:func:`dcm_core.modeling.add_detail_expert`: PEFT ``lora1`` + ``*_lora`` modules), i.e. the
+    official combined layout. ``lora_alpha`` is the adapter's alpha (a state dict does not hold it).
+    Used by the trainer's export; same plan, math and metadata as :func:`convert_official`.
+    """
+    meta = {"dcm.lora_alpha": f"{float(lora_alpha):g}", **(metadata or {})}
+    entries = {}
+    for k, v in sd.items():
+        if v.dtype not in TORCH_TO_ST:
+            raise DCMConfigError(f"state dict tensor {k!r} has dtype {v.dtype}, which safetensors cannot store.")
+        entries[k] = TensorEntry(k, TORCH_TO_ST[v.dtype], tuple(v.shape), 0, 0)
+    header = Header(path=f"<state dict {name}>", file_size=0, header_size=0, metadata=meta, entries=entries)
+    info = info_from_header(header)
+    if info.kind != KIND_OFFICIAL:
+        raise DCMUnsupportedFileError(
+            f"the state dict to export is a {info.kind}, not a model with a DCM detail expert; call "
+            f"dcm_core.modeling.add_detail_expert() before training the detail expert."
+        )
+
+    def get(k: str) -> torch.Tensor:
+        return sd[k].detach().to("cpu")
+
+    return _write_pair(header, get, info, out_dir, _check_name(name), dtype, progress, source=name)
+
+
+def _write_pair(
+    header: Header,
+    get: Callable[[str], torch.Tensor],
+    info: FileInfo,
+    out_dir: str | os.PathLike,
+    stem: str,
+    dtype: str | torch.dtype | None,
+    progress: bool,
+    *,
+    source: str,
+) -> ConvertResult:
+    tdtype = parse_dtype(dtype, what="--dtype")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DCMConfigError(f"--out-dir {out} exists and is not a folder.")
     out.mkdir(parents=True, exist_ok=True)
     sem_path, det_path = out / f"{stem}{SEMANTIC_SUFFIX}", out / f"{stem}{DETAIL_SUFFIX}"
-    src_real = os.path.realpath(header.path)
-    for p in (sem_path, det_path):
-        if os.path.realpath(p) == src_real:
-            raise DCMConfigError(f"output {p} would overwrite the input file; choose another --out-dir or --name.")
+    if os.path.exists(header.path):
+        src_real = os.path.realpath(header.path)
+        for p in (sem_path, det_path):
+            if os.path.realpath(p) == src_real:
+                raise DCMConfigError(f"output {p} would overwrite the input file; choose another --out-dir or --name.")
 
     plan = plan_official(header)
     lay = plan.layout
@@ -117,7 +181,11 @@ def convert_official(
         variant=variant,
         rank=lay.rank,
         alpha=lay.alpha,
-        extra={"dcm.source": os.path.basename(header.path), "dcm.alpha_source": lay.alpha_source, "dcm.dtype": dtype_name(tdtype) if tdtype else "source"},
+        extra={
+            "dcm.source": os.path.basename(source),
+            "dcm.alpha_source": lay.alpha_source,
+            "dcm.dtype": dtype_name(tdtype) if tdtype else "source",
+        },
     )
     sem_meta = native_metadata(ROLE_SEMANTIC, lay.family, partner=det_path.name, **common)
     det_meta = native_metadata(ROLE_DETAIL, lay.family, partner=sem_path.name, **common)
@@ -133,7 +201,7 @@ def convert_official(
     ok = False
     log.info(
         "converting %s (%s, rank %d, alpha %g from %s) -> %s, %s [%s]",
-        header.path,
+        source,
         km.size_label(lay.family, plan.dims),
         lay.rank,
         lay.alpha,
@@ -143,17 +211,16 @@ def convert_official(
         dtype_name(tdtype) if tdtype else "source dtype",
     )
     try:
-        with SafeReader(header.path, header) as r:
-            with StreamingWriter(tmp_sem, sem_plan, sem_meta) as w:
-                for op, pt in zip(plan.semantic, sem_plan):
-                    w.write(pt.name, produce_semantic(op, r.get, tdtype))
-                    if bar is not None:
-                        bar.update(pt.nbytes)
-            with StreamingWriter(tmp_det, det_plan, det_meta) as w:
-                for op, pt in zip(plan.detail, det_plan):
-                    w.write(pt.name, produce_detail(op, r.get, tdtype, tdtype))
-                    if bar is not None:
-                        bar.update(pt.nbytes)
+        with StreamingWriter(tmp_sem, sem_plan, sem_meta) as w:
+            for op, pt in zip(plan.semantic, sem_plan):
+                w.write(pt.name, produce_semantic(op, get, tdtype))
+                if bar is not None:
+                    bar.update(pt.nbytes)
+        with StreamingWriter(tmp_det, det_plan, det_meta) as w:
+            for op, pt in zip(plan.detail, det_plan):
+                w.write(pt.name, produce_detail(op, get, tdtype, tdtype))
+                if bar is not None:
+                    bar.update(pt.nbytes)
         os.replace(tmp_sem, sem_path)
         os.replace(tmp_det, det_path)
         ok = True

@@ -60,6 +60,14 @@ def convert_official(src, out_dir, *, dtype="bf16", name=None, progress=True):
     return _impl(src, out_dir, dtype=dtype, name=name, progress=progress)
 
 
+def export_official_state_dict(sd, out_dir, *, name, lora_alpha, dtype="bf16", progress=False, metadata=None):
+    """Write both pack-native files from an in-memory official-layout state dict (trainer export);
+    see :func:`dcm_core.convert.export_official_state_dict`."""
+    from ..convert import export_official_state_dict as _impl
+
+    return _impl(sd, out_dir, name=name, lora_alpha=lora_alpha, dtype=dtype, progress=progress, metadata=metadata)
+
+
 def __getattr__(name: str):
     if name == "ConvertResult":
         from ..convert import ConvertResult
@@ -94,6 +102,7 @@ __all__ = [
     "convert_official",
     "diffusers_to_comfy",
     "dims_from_comfy_shapes",
+    "export_official_state_dict",
     "inspect_file",
     "load_detail_expert",
     "load_experts",

@@ -185,6 +185,8 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
             f"{p} is a folder, not a file. Point to the .safetensors file inside it (for the official DCM "
             f"release: <folder>/transformer/diffusion_pytorch_model.safetensors)."
         )
+    if not os.path.isfile(p):
+        raise DCMFormatError(f"{p} is not a regular file (a device, socket or pipe); point to a .safetensors file.")
     try:
         fh = open(p, "rb")
     except OSError as e:

@@ -414,3 +414,22 @@ def test_check_compatible_missing_targets_and_shapes(converted):
         check_compatible(b.detail, wrong)
     with pytest.raises(DCMIncompatibleModelError, match="not a Wan2.x or HunyuanVideo"):
         check_compatible(b.detail, {"diffusion_model.foo.weight": (3, 3)})
+
+
+def test_export_from_state_dict_equals_file_conversion(official, converted, tmp_path):
+    from dcm_core.formats import export_official_state_dict, load_state_dict
+
+    m, _ = official["hunyuan_video"]
+    r = export_official_state_dict(m.state_dict(), tmp_path, name="hunyuan_video", lora_alpha=ALPHA, dtype="fp32")
+    ref = converted["hunyuan_video"]
+    for mine, theirs in ((r.semantic_path, ref.semantic_path), (r.detail_path, ref.detail_path)):
+        a, b = load_state_dict(mine), load_state_dict(theirs)
+        assert set(a) == set(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        ma, mb = read_header(mine).metadata, read_header(theirs).metadata
+        assert {k: v for k, v in ma.items() if k != "dcm.source"} == {
+            k: v for k, v in mb.items() if k not in ("dcm.source", "dcm.alpha_source")
+        } | {"dcm.alpha_source": "metadata:dcm.lora_alpha"}
+    plain = tiny.build_transformer("wan", tiny.wan_config(num_layers=1)).state_dict()
+    with pytest.raises(DCMUnsupportedFileError, match="add_detail_expert"):
+        export_official_state_dict(plain, tmp_path / "x", name="x", lora_alpha=1.0)
