@@ -28,7 +28,6 @@ import torch
 import comfy.lora
 import comfy.model_base
 import comfy.sd
-import comfy.utils
 import folder_paths
 
 from ..errors import (
@@ -219,7 +218,9 @@ def _preview(keys: Iterable[str], limit: int = 8) -> str:
     return shown + (f", … and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def apply_detail_expert(model: Any, detail: Any, strength: float, *, name: str, node: str) -> Any:
+def apply_detail_expert(
+    model: Any, detail: Any, strength: float, *, name: str, node: str, model_label: str = "the connected model"
+) -> Any:
     """A clone of ``model`` with the detail expert as weight patches; every expected key must land.
 
     Same calls as stock ``LoraLoaderModelOnly`` (``model_lora_keys_unet`` → ``load_lora`` →
@@ -227,7 +228,7 @@ def apply_detail_expert(model: Any, detail: Any, strength: float, *, name: str, 
     """
     from ..formats import check_compatible
 
-    check_compatible(detail, model_shapes(model), name=name)
+    check_compatible(detail, model_shapes(model), name=model_label)
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(detail.patches, key_map, log_missing=False)
     unknown = _unmatched_file_keys(detail.patches, key_map)
@@ -276,7 +277,9 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
         STATS["checkpoint_hits"] += 1
         log.info("%s: '%s' (%s) from the cache", node, ckpt_name, weight_dtype)
         semantic = entry.base.clone()
-        return semantic, apply_detail_expert(semantic, entry.detail, 1.0, name=ckpt_name, node=node)
+        return semantic, apply_detail_expert(
+            semantic, entry.detail, 1.0, name=ckpt_name, node=node, model_label=f"the semantic expert of '{ckpt_name}'"
+        )
     try:
         bundle = load_experts(path, dtype=_read_dtype(weight_dtype), search_dirs=tuple(folder_paths.get_folder_paths("loras")))
     except DCMError as e:
@@ -285,7 +288,9 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
     base = build_semantic_model(bundle.semantic_sd, weight_dtype, family=bundle.family, name=ckpt_name)
     bundle.semantic_sd = None  # the model holds its own copy now
     try:
-        detail = apply_detail_expert(base, bundle.detail, 1.0, name=ckpt_name, node=node)
+        detail = apply_detail_expert(
+            base, bundle.detail, 1.0, name=ckpt_name, node=node, model_label=f"the semantic expert of '{ckpt_name}'"
+        )
     except DCMError as e:
         raise _with_node(node, e) from e
     _remember(_CHECKPOINTS, key, _CheckpointEntry(base, bundle.detail, bundle.family, ckpt_name), CACHE_MAX_ENTRIES)
