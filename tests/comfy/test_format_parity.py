@@ -129,3 +129,50 @@ def test_converted_files_load_in_stock_comfy_and_match_diffusers(comfy, tmp_path
     for sigma, (d_sem, d_det, gap) in diffs.items():
         assert d_sem < TOL and d_det < TOL, (family, sigma, d_sem, d_det)
         assert gap > 100 * TOL, "the tiny detail expert must differ from the semantic one for the test to mean anything"
+
+
+def _comfy_model_shapes(family, dims):
+    import comfy.ops
+    from comfy.ldm.hunyuan_video.model import HunyuanVideo
+    from comfy.ldm.wan.model import WanModel
+
+    ops = comfy.ops.disable_weight_init
+    if family == "wan":
+        m = WanModel(
+            model_type="i2v" if dims.get("image_dim") else "t2v", dim=dims["dim"], ffn_dim=dims["ffn_dim"],
+            num_heads=dims["dim"] // 128, num_layers=dims["num_layers"], in_dim=dims["in_dim"], out_dim=16,
+            operations=ops, device="meta",
+        )
+    else:
+        m = HunyuanVideo(
+            image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2], vec_in_dim=768,
+            axes_dim=[16, 56, 56], meanflow=False, context_in_dim=4096, hidden_size=dims["dim"], mlp_ratio=4.0,
+            num_heads=dims["dim"] // 128, depth=dims["num_layers"], depth_single_blocks=dims["num_single_layers"],
+            theta=256, qkv_bias=True, byt5=False, guidance_embed=True, operations=ops, device="meta",
+        )
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "family,cfg",
+    [
+        ("wan", lambda: tiny.wan_config(**tiny.WAN_1_3B)),
+        ("wan", lambda: tiny.wan_config(**tiny.WAN_14B, image_dim=1280, in_channels=36)),
+        ("hunyuan_video", lambda: tiny.hunyuan_config(hidden=3072, num_layers=20, num_single_layers=40)),
+    ],
+    ids=["wan1.3b_t2v", "wan14b_i2v", "hunyuan13b"],
+)
+def test_full_size_key_maps_match_comfy_classes(comfy, family, cfg):
+    """Every key and shape of the real-size models maps exactly onto ComfyUI's own modules (meta device)."""
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    from dcm_core.formats import keymaps as km
+
+    cls = WanTransformer3DModel if family == "wan" else HunyuanVideoTransformer3DModel
+    with torch.device("meta"):
+        d = {k: tuple(v.shape) for k, v in cls(**cfg()).state_dict().items()}
+    ours = {op.out: op.shape for op in km.diffusers_to_comfy_plan(family, d)}
+    theirs = _comfy_model_shapes(family, km.dims_from_comfy_shapes(family, ours))
+    assert set(ours) == set(theirs), (set(ours) ^ set(theirs))
+    assert ours == theirs
+    assert {op.out: op.shape for op in km.comfy_to_diffusers_plan(family, theirs)} == d
