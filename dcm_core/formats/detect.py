@@ -289,7 +289,13 @@ def parse_official(header: Header) -> OfficialLayout:
                 extras[fkey[k]] = bp + k[len(xp) :]
                 break
         else:
-            base[k.replace(".base_layer.", ".")] = fkey[k]
+            nk = k.replace(".base_layer.", ".")
+            if nk in base:
+                raise DCMFormatError(
+                    f"{p}: both {base[nk]!r} and {fkey[k]!r} hold the weight {nk!r}; the file mixes a PEFT-wrapped "
+                    f"and a plain copy of one layer. Re-export it from the model."
+                )
+            base[nk] = fkey[k]
     if len(adapters) != 1:
         raise DCMFormatError(
             f"{p}: expected one PEFT adapter (the official file uses 'lora1'), found {sorted(adapters)}. "

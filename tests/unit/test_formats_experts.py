@@ -433,3 +433,19 @@ def test_export_from_state_dict_equals_file_conversion(official, converted, tmp_
     plain = tiny.build_transformer("wan", tiny.wan_config(num_layers=1)).state_dict()
     with pytest.raises(DCMUnsupportedFileError, match="add_detail_expert"):
         export_official_state_dict(plain, tmp_path / "x", name="x", lora_alpha=1.0)
+
+
+def test_transformer_prefix_and_duplicate_base(official, tmp_path):
+    m, _ = official["wan"]
+    sd = {"transformer." + k: v.contiguous() for k, v in m.state_dict().items()}
+    p = tmp_path / "prefixed.safetensors"
+    save_file(sd, str(p), metadata={"lora_alpha": "8"})
+    info = inspect_file(p)
+    assert info.kind == "official_dcm" and info.lora_rank == RANK
+    assert len(load_experts(p).semantic_sd) == len(load_experts(official["wan"][1]).semantic_sd)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    sd["blocks.0.attn1.to_q.weight"] = sd["blocks.0.attn1.to_q.base_layer.weight"].clone()
+    q = tmp_path / "dup.safetensors"
+    save_file(sd, str(q))
+    with pytest.raises(DCMFormatError, match="blocks.0.attn1.to_q.weight"):
+        inspect_file(q)
