@@ -383,6 +383,8 @@ class DataStream:
             num_workers=self.num_workers,
             collate_fn=collate,
             drop_last=True,
+            # a private generator: opening an iterator must not consume the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.sampler.seed + self.epoch),
         )
         return iter(loader)
 

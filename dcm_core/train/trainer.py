@@ -348,6 +348,39 @@ class DCMTrainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _consistency_pair(
+        self, call: nn.Module, batch: Batch, x0: torch.Tensor, noise: torch.Tensor, draw: Any, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ŷ (student jump, with grad when enabled) and the target y (no grad) — dcm-method.md §5.2 steps 2–5."""
+        acc, solver = self.accelerator, self.solver
+        # 1. noisy input and the student's jump to the phase boundary
+        x_t = solver.noisy(x0, noise, draw.sigma)
+        with acc.autocast():
+            v_s = call_velocity(call, self.student_unwrapped, x_t, draw.sigma, cond, self.models.student_expert)
+        pred = solver.student_prediction(x_t, v_s, draw)
+        # 2. one teacher Euler step (CFG), 3. the target network's jump from x'
+        with torch.no_grad(), acc.autocast():
+            v_t = self._teacher_guided(x_t, draw.sigma, cond, batch)
+            x_prev = solver.teacher_step(x_t, v_t, draw)
+            v_tgt = self._target_velocity(x_prev, draw.sigma_prev, cond)
+            target = solver.target(x_prev, v_tgt, draw)
+        return pred, target
+
+    @torch.no_grad()
+    def consistency_eval(self, num_draws: int = 8, seed: int = 1234, samples: int = 1) -> float:
+        """Mean consistency loss over fixed (noise, k) draws of the first ``samples`` items (progress metric)."""
+        g = torch.Generator().manual_seed(seed)
+        batch = collate([self.dataset[i] for i in range(min(samples, len(self.dataset)))]).to(self.accelerator.device)
+        x0 = to_model_space(batch.latents.float(), self.family)
+        cond = self._cond(batch)
+        total = 0.0
+        for _ in range(num_draws):
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            draw = self.solver.draw(x0.shape[0], g)
+            pred, target = self._consistency_pair(self.student_unwrapped, batch, x0, noise, draw, cond)
+            total += float(pseudo_huber(pred, target, self.cfg.loss.huber_c))
+        return total / num_draws
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step (``gradient_accumulation_steps`` micro-batches) of the generator, then of D."""
         cfg, acc, solver = self.cfg, self.accelerator, self.solver
@@ -376,17 +409,7 @@ class DCMTrainer:
             cond = self._cond(batch)
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.student)
             with sync:
-                # 1. noisy input and the student's jump to the phase boundary (with grad)
-                x_t = solver.noisy(x0, noise, draw.sigma)
-                with acc.autocast():
-                    v_s = call_velocity(self.student, self.student_unwrapped, x_t, draw.sigma, cond, self.models.student_expert)
-                pred = solver.student_prediction(x_t, v_s, draw)
-                # 2. one teacher Euler step (CFG), 3. the target network's jump from x' (no grad)
-                with torch.no_grad(), acc.autocast():
-                    v_t = self._teacher_guided(x_t, draw.sigma, cond, batch)
-                    x_prev = solver.teacher_step(x_t, v_t, draw)
-                    v_tgt = self._target_velocity(x_prev, draw.sigma_prev, cond)
-                    target = solver.target(x_prev, v_tgt, draw)
+                pred, target = self._consistency_pair(self.student, batch, x0, noise, draw, cond)
                 # 4. losses
                 l_cd = pseudo_huber(pred, target, cfg.loss.huber_c)
                 loss = l_cd
