@@ -77,6 +77,17 @@ class _CheckpointEntry:
     detail: Any  # dcm_core.formats DetailExpert
     family: str
     name: str
+    deps: tuple = ()  # (realpath, size, mtime_ns) of partner files read too (a converted detail expert)
+
+    def is_current(self) -> bool:
+        for real, size, mtime in self.deps:
+            try:
+                st = os.stat(real)
+            except OSError:
+                return False
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                return False
+        return True
 
 
 _CHECKPOINTS: "OrderedDict[tuple, _CheckpointEntry]" = OrderedDict()
@@ -273,6 +284,8 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
     model_options_for(weight_dtype)  # validate before any reading
     key = _file_key(path, weight_dtype)
     entry = _lookup(_CHECKPOINTS, key)
+    if entry is not None and not entry.is_current():
+        entry = None  # the partner detail-expert file changed: read again
     if entry is not None:
         STATS["checkpoint_hits"] += 1
         log.info("%s: '%s' (%s) from the cache", node, ckpt_name, weight_dtype)
@@ -293,7 +306,11 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
         )
     except DCMError as e:
         raise _with_node(node, e) from e
-    _remember(_CHECKPOINTS, key, _CheckpointEntry(base, bundle.detail, bundle.family, ckpt_name), CACHE_MAX_ENTRIES)
+    deps = ()
+    det_path = getattr(getattr(bundle.detail, "info", None), "path", None)
+    if det_path and os.path.realpath(det_path) != key[0]:
+        deps = (_file_key(det_path, "")[:3],)
+    _remember(_CHECKPOINTS, key, _CheckpointEntry(base, bundle.detail, bundle.family, ckpt_name, deps), CACHE_MAX_ENTRIES)
     return base.clone(), detail
 
 

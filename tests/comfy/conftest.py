@@ -311,6 +311,22 @@ class DCMWorld:
 
         return nodes.NODE_CLASS_MAPPINGS["DCMTestRecordCalls"].CALLS
 
+    def style_lora(self, rank: int = 4) -> str:
+        """A ComfyUI-native Wan style LoRA (models/loras/style_wan.safetensors) for stacking tests."""
+        from safetensors.torch import save_file
+
+        torch = self.torch
+        path = self.h.model_dir("loras") / "style_wan.safetensors"
+        if not path.exists():
+            g = torch.Generator().manual_seed(99)
+            sd = {}
+            for stem, (out_f, in_f) in {"blocks.0.ffn.0": (256, 128), "blocks.1.self_attn.q": (128, 128)}.items():
+                sd[f"diffusion_model.{stem}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.5
+                sd[f"diffusion_model.{stem}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.5
+                sd[f"diffusion_model.{stem}.alpha"] = torch.tensor(float(rank))
+            save_file(sd, str(path))
+        return path.name
+
     def loading(self):
         return self.h.pack_module("dcm_core.comfy_adapter.loading")
 

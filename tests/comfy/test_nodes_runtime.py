@@ -115,24 +115,9 @@ def test_converted_files_with_pack_and_stock_loaders_equal_official(dcm, comfy):
         assert (to_model_space(out, "wan") - to_model_space(official, "wan")).abs().max().item() < 1e-5, loader
 
 
-def _style_lora(dcm, rank=4):
-    from safetensors.torch import save_file
-
-    path = dcm.h.model_dir("loras") / "style_wan.safetensors"
-    if not path.exists():
-        g = torch.Generator().manual_seed(99)
-        sd = {}
-        for stem, (out_f, in_f) in {"blocks.0.ffn.0": (256, 128), "blocks.1.self_attn.q": (128, 128)}.items():
-            sd[f"diffusion_model.{stem}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.5
-            sd[f"diffusion_model.{stem}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.5
-            sd[f"diffusion_model.{stem}.alpha"] = torch.tensor(float(rank))
-        save_file(sd, str(path))
-    return path.name
-
-
 @pytest.mark.parametrize("expert_output", [0, 1])
 def test_style_lora_stacks_on_either_expert(dcm, expert_output):
-    style = _style_lora(dcm)
+    style = dcm.style_lora()
     base = dcm.run(dcm.sampler_prompt("wan", seed=17))
     outs = {}
     for strength in (0.0, 1.0):
