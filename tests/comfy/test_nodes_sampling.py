@@ -87,3 +87,101 @@ def test_cfg_above_one_runs_negative_and_changes_result(dcm):
     # (ComfyUI batches them into one call when shapes match, so count per-step calls ≥ 1)
     assert tags.count("semantic") == 3 and tags.count("detail") >= 3
     assert not torch.equal(out, base)
+
+
+def test_timestep_split_with_two_stock_samplers_equals_sampler_node(dcm):
+    """DCMTimestepSplit + two SamplerCustomAdvanced (RandomNoise, then DisableNoise) == the one-node sampler."""
+    fam = dcm.families["wan"]
+    node_out = dcm.run(dcm.sampler_prompt("wan", seed=12))
+    p = dcm.sampler_prompt("wan", seed=12)
+    del p["5"]
+    p.update({
+        "11": {"class_type": "DCMSchedule", "inputs": {
+            "preset": fam.preset, "semantic_steps": 3, "detail_steps": 3, "steps": 6,
+            "boundary_timestep": fam.boundary, "custom_sigmas": ""}},
+        "12": {"class_type": "DCMTimestepSplit", "inputs": {"sigmas": ["11", 0], "boundary_timestep": fam.boundary}},
+        "13": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "14": {"class_type": "RandomNoise", "inputs": {"noise_seed": 12}},
+        "15": {"class_type": "DisableNoise", "inputs": {}},
+        "16": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["2", 0]}},
+        "17": {"class_type": "BasicGuider", "inputs": {"model": ["1", 1], "conditioning": ["2", 0]}},
+        "18": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["14", 0], "guider": ["16", 0], "sampler": ["13", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}},
+        "19": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["15", 0], "guider": ["17", 0], "sampler": ["13", 0], "sigmas": ["12", 1], "latent_image": ["18", 0]}},
+    })
+    p["6"]["inputs"]["samples"] = ["19", 0]
+    chained = dcm.run(p)
+    assert (to_model_space(chained, "wan") - to_model_space(node_out, "wan")).abs().max().item() < 1e-5
+    sem, det = dcm.h.pack_module("dcm_core.comfy_adapter.schedules").split_at_boundary(
+        torch.tensor(build_sigmas(fam.preset)), fam.boundary)
+    assert sem.tolist() == pytest.approx([1.0, 0.992, 0.982, 0.949])
+    assert det.tolist() == pytest.approx([0.949, 0.905, 0.81, 0.0])
+
+
+def test_hunyuan_guidance_defaults_to_6_and_comes_from_conditioning(dcm):
+    loading, sampling = dcm.loading(), dcm.sampling()
+    sem, det = loading.load_dcm_checkpoint(dcm.families["hunyuan_video"].official, "default")
+    ctx, pooled = dcm.cond("hunyuan_video")
+
+    def run(extra):
+        cond = [[ctx, {"pooled_output": pooled, **extra}]]
+        return sampling.sample_dual_expert(sem, det, cond, cond, {"samples": dcm.empty_latent()}, 3,
+                                           "hunyuan-t2v-4step", 981.0, 1.0, 1.0)["samples"]
+
+    default = run({})
+    assert torch.equal(default, run({"guidance": 6.0}))
+    assert not torch.equal(default, run({"guidance": 3.5}))
+
+
+def test_cancel_is_honoured_without_a_progress_hook(dcm):
+    """Even when no progress hook is installed, Cancel stops the run at the next step."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+
+    loading, sampling = dcm.loading(), dcm.sampling()
+    sem, det = loading.load_dcm_checkpoint(dcm.families["wan"].official, "default")
+    calls = []
+
+    def cancel_on_fifth_call(executor, x, t, *a, **k):
+        calls.append(float(t[0]))
+        if len(calls) == 5:
+            mm.interrupt_current_processing()
+        return executor(x, t, *a, **k)
+
+    det2 = det.clone()
+    det2.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "cancel", cancel_on_fifth_call)
+    sem2 = sem.clone()
+    sem2.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "cancel", cancel_on_fifth_call)
+    ctx, _ = dcm.cond("wan")
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sampling.sample_dual_expert(sem2, det2, [[ctx, {}]], [[ctx, {}]], {"samples": dcm.empty_latent()}, 1,
+                                        "wan2.1-t2v-6step", 978.0, 1.0, 1.0)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 5  # stopped right after the step that saw Cancel
+    assert getattr(sem.model, "current_weight_patches_uuid", None) in (None, sem.patches_uuid)
+
+
+@pytest.mark.parametrize("weight_dtype,torch_dtype", [
+    ("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp8_e4m3fn", torch.float8_e4m3fn),
+    ("fp8_e4m3fn_fast", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2),
+])
+def test_weight_dtypes(dcm, weight_dtype, torch_dtype):
+    loading = dcm.loading()
+    try:
+        sem, det = loading.load_dcm_checkpoint(dcm.families["wan"].official, weight_dtype)
+        assert sem.model.get_dtype() == torch_dtype
+        assert det.model is sem.model and len(det.patches) > 0
+        assert sem.model.model_config.optimizations.get("fp8", False) == (weight_dtype == "fp8_e4m3fn_fast")
+        if weight_dtype == "bf16":
+            out = dcm.sampling().sample_dual_expert(
+                sem, det, [[dcm.cond("wan")[0], {}]], [[dcm.cond("wan")[0], {}]], {"samples": dcm.empty_latent()}, 42,
+                "wan2.1-t2v-6step", 978.0, 1.0, 1.0)["samples"]
+            ref = dcm.reference("wan", 42, build_sigmas("wan2.1-t2v-6step"), 978.0)
+            err = (to_model_space(out, "wan") - to_model_space(ref, "wan")).abs().max().item()
+            print(f"[parity] wan bf16 weights: max|node - fp32 reference| = {err:.3e}")
+            assert err < 0.1
+    finally:
+        loading.clear_cache()
