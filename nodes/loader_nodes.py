@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from comfy_api.latest import io
 
 from ..dcm_core.comfy_adapter import loading
@@ -52,5 +54,5 @@ class DCMExpertLoraLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
+    def execute(cls, model: Any, lora_name: str, strength: float) -> io.NodeOutput:
         return io.NodeOutput(loading.load_expert_lora(model, lora_name, strength))

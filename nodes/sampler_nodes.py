@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from comfy_api.latest import io
 
 from ..dcm_core import schedule
@@ -21,6 +23,7 @@ def expert_inputs() -> list:
 
 
 def cfg_inputs() -> list:
+    """The per-expert cfg widgets (1.0 = DCM default, skips the negative pass)."""
     return [
         io.Float.Input("cfg_semantic", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=T.CFG_SEMANTIC),
         io.Float.Input("cfg_detail", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=T.CFG_DETAIL),
@@ -55,8 +58,8 @@ class DCMDualExpertSampler(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, semantic_model, detail_model, positive, negative, latent_image, seed, preset, boundary_timestep,
-        cfg_semantic, cfg_detail, sigmas=None,
+        cls, semantic_model: Any, detail_model: Any, positive: Any, negative: Any, latent_image: dict, seed: int,
+        preset: str, boundary_timestep: float, cfg_semantic: float, cfg_detail: float, sigmas: Any = None,
     ) -> io.NodeOutput:
         return io.NodeOutput(sampling.sample_dual_expert(
             semantic_model, detail_model, positive, negative, latent_image, seed, preset, boundary_timestep,
@@ -83,7 +86,10 @@ class DCMDualExpertGuider(io.ComfyNode):
         return schedules.check_boundary_input(boundary_timestep)
 
     @classmethod
-    def execute(cls, semantic_model, detail_model, positive, negative, boundary_timestep, cfg_semantic, cfg_detail) -> io.NodeOutput:
+    def execute(
+        cls, semantic_model: Any, detail_model: Any, positive: Any, negative: Any, boundary_timestep: float,
+        cfg_semantic: float, cfg_detail: float,
+    ) -> io.NodeOutput:
         return io.NodeOutput(sampling.make_guider(
             semantic_model, detail_model, positive, negative, boundary_timestep, cfg_semantic, cfg_detail,
         ))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from comfy_api.latest import io
 
 from ..dcm_core import schedule
@@ -43,7 +45,9 @@ class DCMSchedule(io.ComfyNode):
         return schedules.check_schedule_inputs(preset, boundary_timestep, custom_sigmas)
 
     @classmethod
-    def execute(cls, preset, semantic_steps, detail_steps, steps, boundary_timestep, custom_sigmas) -> io.NodeOutput:
+    def execute(
+        cls, preset: str, semantic_steps: int, detail_steps: int, steps: int, boundary_timestep: float, custom_sigmas: str
+    ) -> io.NodeOutput:
         sigmas, plot = schedules.make_schedule(preset, semantic_steps, detail_steps, steps, boundary_timestep, custom_sigmas)
         return io.NodeOutput(sigmas, plot)
 
@@ -70,5 +74,5 @@ class DCMTimestepSplit(io.ComfyNode):
         return schedules.check_boundary_input(boundary_timestep)
 
     @classmethod
-    def execute(cls, sigmas, boundary_timestep: float) -> io.NodeOutput:
+    def execute(cls, sigmas: Any, boundary_timestep: float) -> io.NodeOutput:
         return io.NodeOutput(*schedules.split_at_boundary(sigmas, boundary_timestep))

@@ -31,6 +31,7 @@ import comfy.sd
 import folder_paths
 
 from ..errors import (
+    DCMConfigError,
     DCMCoverageError,
     DCMError,
     DCMFileNotFoundError,
@@ -161,7 +162,7 @@ def model_options_for(weight_dtype: str) -> dict:
     elif weight_dtype == "fp16":
         options["dtype"] = torch.float16
     elif weight_dtype != "default":
-        raise DCMUnsupportedFileError(
+        raise DCMConfigError(
             f"{CHECKPOINT_NODE}: weight_dtype={weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}."
         )
     return options
@@ -286,31 +287,33 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
     entry = _lookup(_CHECKPOINTS, key)
     if entry is not None and not entry.is_current():
         entry = None  # the partner detail-expert file changed: read again
+    label = f"the semantic expert of '{ckpt_name}'"
     if entry is not None:
         STATS["checkpoint_hits"] += 1
         log.info("%s: '%s' (%s) from the cache", node, ckpt_name, weight_dtype)
         semantic = entry.base.clone()
-        return semantic, apply_detail_expert(
-            semantic, entry.detail, 1.0, name=ckpt_name, node=node, model_label=f"the semantic expert of '{ckpt_name}'"
-        )
+        try:
+            return semantic, apply_detail_expert(semantic, entry.detail, 1.0, name=ckpt_name, node=node, model_label=label)
+        except DCMError as e:
+            raise _with_node(node, e) from e
     try:
         bundle = load_experts(path, dtype=_read_dtype(weight_dtype), search_dirs=tuple(folder_paths.get_folder_paths("loras")))
     except DCMError as e:
         raise _with_node(node, e) from e
     STATS["checkpoint_reads"] += 1
-    base = build_semantic_model(bundle.semantic_sd, weight_dtype, family=bundle.family, name=ckpt_name)
-    bundle.semantic_sd = None  # the model holds its own copy now
+    semantic_sd, expert, family = bundle.semantic_sd, bundle.detail, bundle.family
+    del bundle  # drop the converted tensors as soon as the model holds its own copy
+    base = build_semantic_model(semantic_sd, weight_dtype, family=family, name=ckpt_name)
+    del semantic_sd
     try:
-        detail = apply_detail_expert(
-            base, bundle.detail, 1.0, name=ckpt_name, node=node, model_label=f"the semantic expert of '{ckpt_name}'"
-        )
+        detail = apply_detail_expert(base, expert, 1.0, name=ckpt_name, node=node, model_label=label)
     except DCMError as e:
         raise _with_node(node, e) from e
     deps = ()
-    det_path = getattr(getattr(bundle.detail, "info", None), "path", None)
+    det_path = getattr(getattr(expert, "info", None), "path", None)
     if det_path and os.path.realpath(det_path) != key[0]:
         deps = (_file_key(det_path, "")[:3],)
-    _remember(_CHECKPOINTS, key, _CheckpointEntry(base, bundle.detail, bundle.family, ckpt_name, deps), CACHE_MAX_ENTRIES)
+    _remember(_CHECKPOINTS, key, _CheckpointEntry(base, expert, family, ckpt_name, deps), CACHE_MAX_ENTRIES)
     return base.clone(), detail
 
 

@@ -3,7 +3,8 @@
 :class:`DualExpertGuider` is a ComfyUI GUIDER (a ``CFGGuider`` subclass) holding two ordinary
 ``CFGGuider``\\ s, one per expert. ``sample()`` splits the sigmas at the boundary
 (:func:`dcm_core.schedule.split_sigmas`), runs the semantic segment with the noise, then the
-detail segment with **zero** noise from the first segment's latent. That hand-over is exact
+detail segment with **zero** noise from the first segment's latent (and seed + 1, so stochastic
+samplers do not replay segment 1's noise draws; euler ignores it). That hand-over is exact
 (comfyui-integration.md §4.0): segment 1 returns ``x/(1−σ_k)`` and segment 2 multiplies by
 ``(1−σ_k)`` again. With ComfyUI's ``euler`` sampler every step is the official flow-Euler step
 ``x + (σ_{i+1} − σ_i)·v``, so the result equals :func:`dcm_core.sampler.sample_dcm`.
@@ -285,6 +286,8 @@ class DualExpertGuider(comfy.samplers.CFGGuider):
         try:
             for n, seg in enumerate(segments):
                 seg_noise = noise if n == 0 else torch.zeros_like(noise)
+                # stochastic samplers (lcm, ancestral) must not replay segment 1's noise draws
+                seg_seed = seed if seed is None else seed + n
                 seg_sigmas = torch.tensor(seg.sigmas, dtype=sigmas.dtype if isinstance(sigmas, torch.Tensor) else torch.float32)
                 x = self.guiders[seg.expert].sample(
                     seg_noise,
@@ -294,7 +297,7 @@ class DualExpertGuider(comfy.samplers.CFGGuider):
                     denoise_mask=denoise_mask,
                     callback=self._step_callback(callback, seg, total),
                     disable_pbar=disable_pbar,
-                    seed=seed,
+                    seed=seg_seed,
                 )
                 check_finite(x, what="The latent", step=seg.offset + seg.steps - 1, expert=seg.expert, sigma=seg.sigmas[-2])
         finally:

@@ -114,6 +114,9 @@ def test_only_the_adapter_imports_comfy():
                 names = [node.module]
             for name in names:
                 top = name.split(".")[0]
+                if path.parent.name == "nodes":
+                    assert top in ("__future__", "typing", "comfy_api"), f"{path}: nodes/ imports {name}"
+
                 if top == "comfy_api":
                     assert path.parts[-2] == "nodes" or path.parent.name == "nodes", f"{path}: comfy_api outside nodes/"
                     assert name == "comfy_api.latest", f"{path}: import {name}"
