@@ -138,6 +138,8 @@ def _cond_batches(conditioning: Any) -> list[tuple[str, int]]:
 def check_batches(positive: Any, negative: Any, batch: int, *, node: str) -> None:
     """Conditioning batch must be 1, the latent batch, or a divisor of it (repeated evenly).
 
+    ``negative`` may be None when no expert uses it (cfg 1.0 skips the negative pass).
+
     ComfyUI silently repeats or truncates conditioning to the latent batch; an uneven repeat
     (2 prompts for 3 latents) or truncation (3 prompts for 2 latents) is almost always a wiring
     mistake, so it is refused here with the numbers.
@@ -280,7 +282,8 @@ class DualExpertGuider(comfy.samplers.CFGGuider):
         segments = plan_segments(values, self.boundary_timestep, node=node)
         check_models(self.semantic_model, self.detail_model, node=node)
         check_latent(self.semantic_model, latent_image, node=node)
-        check_batches(self._positive, self._negative, int(latent_image.shape[0]), node=node)
+        uses_negative = any(not math.isclose(g.cfg, 1.0) for g in self.guiders.values())
+        check_batches(self._positive, self._negative if uses_negative else None, int(latent_image.shape[0]), node=node)
         total = len(values) - 1
         x = latent_image
         try:
@@ -379,7 +382,8 @@ def sample_dual_expert(
     check_models(semantic, detail, node=node)
     latent_image = comfy.sample.fix_empty_latent_channels(semantic, latent["samples"])
     check_latent(semantic, latent_image, node=node)
-    check_batches(positive, negative, int(latent_image.shape[0]), node=node)
+    uses_negative = not (math.isclose(cfg_semantic, 1.0) and math.isclose(cfg_detail, 1.0))
+    check_batches(positive, negative if uses_negative else None, int(latent_image.shape[0]), node=node)
 
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     guider = DualExpertGuider(semantic, detail, boundary_timestep, cfg_semantic, cfg_detail, node=node)
