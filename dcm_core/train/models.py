@@ -64,8 +64,14 @@ def _class_for_config(config: dict) -> type:
 def resolve_transformer_dir(path: Path) -> Path | None:
     """The folder holding ``config.json`` of a transformer: ``path``, ``path/transformer``, a run's export."""
     for cand in (path, path / "transformer", path / "export" / "transformer"):
-        if (cand / "config.json").is_file():
-            return cand
+        cfg = cand / "config.json"
+        if cfg.is_file():
+            try:
+                name = str(json.loads(cfg.read_text()).get("_class_name", ""))
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if "Transformer3D" in name:  # a run folder's own config.json is the training config: skip it
+                return cand
     return None
 
 

@@ -140,7 +140,7 @@ class DCMTrainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.is_main = acc.is_main_process
         if not self.is_main:
-            log.setLevel(max(log.level, logging.WARNING))
+            log.setLevel(logging.ERROR)  # one voice: the main process logs
 
         # 1. identical seeds everywhere while building (LoRA / discriminator init must agree)
         self._seed_everything(cfg.seed)

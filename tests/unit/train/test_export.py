@@ -1,0 +1,84 @@
+"""Export: official combined layout (strict reload), pack-native files, export CLI, stage chaining, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dcm_core.modeling import add_detail_expert
+from dcm_core.tiny import build_transformer, hunyuan_config, wan_config
+from dcm_core.train.export import export_run
+from dcm_core.train.models import semantic_state_dict
+from dcm_core.train.trainer import DCMTrainer
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_detail_export_round_trip(family, tmp_path, th):
+    data = th.make_dataset(tmp_path / "data", family)
+    run = tmp_path / "run"
+    tr = DCMTrainer(th.tiny_config(family, "detail", data, run, optim__lr=1e-3))
+    res = tr.train()
+    official = load_file(res.exported["transformer"])
+    # 1. official layout: base_layer / lora_A.lora1 / lora_B.lora1 / *_lora, strict reload into a fresh model
+    assert any(".base_layer." in k for k in official) and any(".lora_B.lora1." in k for k in official)
+    assert any(k.startswith("proj_out_lora.") for k in official)
+    cfg = wan_config(dim=128, num_layers=2, ffn_dim=256) if family == "wan" else hunyuan_config(hidden=128)
+    fresh = add_detail_expert(build_transformer(family, cfg, seed=99), rank=4, alpha=8)
+    fresh.load_state_dict(official, strict=True)
+    for k, v in tr.student_unwrapped.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    adapter_cfg = json.loads((run / "export" / "transformer" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8
+    # 2. pack-native files through dcm_core.formats
+    from dcm_core.formats import diffusers_to_comfy, inspect_file, load_experts
+
+    assert inspect_file(res.exported["transformer"]).kind == "official_dcm"
+    assert inspect_file(res.exported["semantic"]).kind == "dcm_semantic"
+    assert inspect_file(res.exported["detail_expert"]).kind == "dcm_detail_expert"
+    bundle = load_experts(res.exported["semantic"])
+    assert bundle.family == family and bundle.detail.patches and bundle.detail.expected_targets
+    ref = diffusers_to_comfy(family, semantic_state_dict(official))
+    strip = lambda k: k.split("diffusion_model.", 1)[-1]  # noqa: E731
+    ours = {strip(k): v for k, v in bundle.semantic_sd.items()}
+    assert {strip(k) for k in ref} == set(ours)
+    assert all(torch.equal(ours[strip(k)], v) for k, v in ref.items())
+    # 3. `python -m dcm_core export RUN_DIR` rebuilds the same files from the checkpoint
+    from dcm_core.cli import main
+
+    assert main(["export", str(run), "--out", str(tmp_path / "again")]) == 0
+    again = load_file(str(tmp_path / "again" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert again.keys() == official.keys() and all(torch.equal(again[k], official[k]) for k in official)
+    assert (tmp_path / "again" / "dcm_detail_expert.safetensors").is_file()
+
+
+def test_semantic_run_feeds_the_detail_stage(tmp_path, th):
+    data = th.make_dataset(tmp_path / "data", "wan")
+    sem = tmp_path / "sem"
+    DCMTrainer(th.tiny_config("wan", "semantic", data, sem, optim__lr=1e-3)).train()
+    semantic = load_file(str(sem / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert not any("lora" in k for k in semantic)
+    tr = DCMTrainer(th.tiny_config("wan", "detail", data, tmp_path / "det", model__semantic_expert=str(sem)))
+    base = semantic_state_dict(tr.student_unwrapped.state_dict())
+    assert all(torch.equal(base[k], semantic[k]) for k in semantic)
+    # the teacher is the ORIGINAL model, not the semantic expert
+    teacher = tr.models.teacher.state_dict()
+    assert not torch.equal(teacher["proj_out.weight"], semantic["proj_out.weight"])
+
+
+def test_failed_export_leaves_no_partial_output(tmp_path, th, monkeypatch):
+    data = th.make_dataset(tmp_path / "data", "wan")
+    run = tmp_path / "run"
+    DCMTrainer(th.tiny_config("wan", "detail", data, run, export__at_end="false")).train()
+    import dcm_core.formats as formats
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(formats, "convert_official", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_run(run)
+    assert not (run / "export").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
