@@ -136,6 +136,12 @@ class DCMTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
         acc = self.accelerator
+        if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise DCMConfigError(
+                f"accelerate is configured for {acc.distributed_type.name}; the DCM trainer supports single-process and "
+                f"DDP (multi-GPU / multi-CPU) runs. Re-run `accelerate config` choosing multi-GPU without FSDP/DeepSpeed; "
+                f"use model.semantic_lora=true, model.teacher_dtype=bf16 and model.gradient_checkpointing=true to save memory."
+            )
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.is_main = acc.is_main_process

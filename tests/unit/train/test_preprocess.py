@@ -94,5 +94,54 @@ def test_preprocess_tiny_videos_then_train(tmp_path, th):
     # the dataset trains (tiny Wan, 4×4 latent → 2×2 tokens)
     from dcm_core.train.trainer import DCMTrainer
 
-    res = DCMTrainer(th.tiny_config("wan", "semantic", out, tmp_path / "run", export__at_end="false")).train()
+    cfg = th.tiny_config(
+        "wan", "semantic", out, tmp_path / "run", export__at_end="false", validation__every_steps=2,
+        validation__vae=str(model),
+    )
+    res = DCMTrainer(cfg).train()
     assert res.global_step == 2 and np.isfinite(res.history[-1]["loss"])
+    # validation latents were decoded with the configured VAE
+    assert (tmp_path / "run" / "validation" / "step-00000002.safetensors").is_file()
+    assert (tmp_path / "run" / "validation" / "step-00000002-0.mp4").stat().st_size > 0
+
+
+def _word_tokenizer(path: Path, words: list[str]) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+
+
+def test_preprocess_hunyuan_layout(tmp_path):
+    """HunyuanVideo: [1 + L, D] embeddings with the CLIP pooled vector in token 0, mask [L]."""
+    from diffusers import AutoencoderKLHunyuanVideo
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    model = tmp_path / "hy"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanVideoPipeline"}))
+    torch.manual_seed(0)
+    AutoencoderKLHunyuanVideo(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=8).save_pretrained(
+        model / "vae"
+    )
+    _word_tokenizer(model / "tokenizer", WORDS)
+    _word_tokenizer(model / "tokenizer_2", WORDS)
+    LlamaModel(LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=64, intermediate_size=32, num_hidden_layers=3,
+                           num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)).save_pretrained(model / "text_encoder")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=77, pad_token_id=0, eos_token_id=1,
+                                 bos_token_id=2)).save_pretrained(model / "text_encoder_2")
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    write_mp4(vids / "a.mp4", synthetic_clip(9, 32, 48), fps=24)
+    (tmp_path / "caps.tsv").write_text("a.mp4\ta red cat\n")
+    preprocess(model, vids, tmp_path / "caps.tsv", tmp_path / "out", frames=9, height=32, width=32, max_text_tokens=6,
+               progress=False)
+    it = LatentDataset(tmp_path / "out")[0]
+    assert it.latent.shape == (16, 3, 4, 4)
+    assert it.prompt_embed.shape == (1 + 6, 64) and it.prompt_mask.shape == (6,)
+    assert torch.all(it.prompt_embed[0, 32:] == 0)  # CLIP pooled (32-dim here) zero-padded in token 0
+    assert it.prompt_mask.tolist()[:3] == [True, True, True]

@@ -120,3 +120,21 @@ def test_overfitting_detail_stage_with_gan(tmp_path, th):
     after = tr.consistency_eval()
     print(f"detail overfit: consistency loss {before:.4g} -> {after:.4g}")
     assert after < 0.97 * before
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video"])
+def test_bf16_gradient_checkpointing_and_accumulation(family, tmp_path, th):
+    """The GPU recipe's switches on CPU: bf16 autocast + bf16 teacher, checkpointed blocks, 2 micro-batches."""
+    data = th.make_dataset(tmp_path / "data", family, n=4)
+    cfg = th.tiny_config(
+        family, "detail", data, tmp_path / "run", mixed_precision="bf16", model__gradient_checkpointing="true",
+        gradient_accumulation_steps=2, export__at_end="false",
+    )
+    tr = DCMTrainer(cfg)
+    assert tr.models.teacher.proj_out.weight.dtype == torch.bfloat16  # (norms / time embedder stay fp32)
+    assert all(p.dtype == torch.float32 for _, p in tr.trainable)
+    s0 = _snapshot(tr.student_unwrapped)
+    res = tr.train()
+    assert all(math.isfinite(v) for rec in res.history for v in rec.values())
+    assert _changed(s0, tr.student_unwrapped)
+    assert tr.data.state() == {"epoch": 0, "batch_in_epoch": 4}  # 2 steps × 2 micro-batches of 1 = 4 samples
