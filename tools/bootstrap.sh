@@ -26,7 +26,7 @@ fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 echo "[bootstrap] installing torch (CPU build) and the pinned stack"
 "${PIP[@]}" -c "$CONSTRAINTS" torch
-"${PIP[@]}" -c "$CONSTRAINTS" diffusers peft transformers accelerate safetensors einops numpy tqdm pillow av pytest hypothesis psutil pyyaml
+"${PIP[@]}" -c "$CONSTRAINTS" diffusers peft transformers accelerate safetensors einops numpy tqdm pillow av pytest hypothesis psutil pyyaml comfy-cli
 if [ "$have_comfy" = 1 ]; then
   echo "[bootstrap] installing ComfyUI's requirements from $COMFYUI_PATH (without torch/torchvision/torchaudio)"
   tmp="$(mktemp)"
