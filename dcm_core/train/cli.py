@@ -44,7 +44,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.help_config:
-        print(describe_fields())
+        print(describe_fields())  # noqa: T201 (CLI output)
         return 0
     cfg = load_config(args.config, args.overrides, stage=args.stage)
     log = logging.getLogger("DCM")
@@ -58,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result.exported:
         for what, path in result.exported.items():
-            print(f"{what}: {path}")
+            print(f"{what}: {path}")  # noqa: T201 (CLI output)
     return 0

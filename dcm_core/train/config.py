@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+try:  # Python ≥ 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from ..errors import DCMConfigError
 from ..schedule import DCM_SHIFT, DEFAULT_BOUNDARY_TIMESTEP, DEFAULT_K0, FAMILIES, FAMILY_HUNYUAN, FAMILY_WAN

@@ -216,5 +216,5 @@ def run(args: argparse.Namespace) -> int:
         native=False if args.no_native else None,
     )
     for what, path in result.items():
-        print(f"{what}: {path}")
+        print(f"{what}: {path}")  # noqa: T201 (CLI output)
     return 0

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from ..errors import DCMCheckpointError, DCMConfigError, DCMFileNotFoundError
-from ..modeling import DETAIL_ADAPTER, EXPERT_MODULES, LORA_TARGET_MODULES, add_detail_expert, expert_mode, family_of_model
+from ..modeling import (
+    DETAIL_ADAPTER,
+    EXPERT_MODULES,
+    LORA_TARGET_MODULES,
+    add_detail_expert,
+    expert_mode,
+    family_of_model,
+)
 from ..schedule import FAMILIES, FAMILY_HUNYUAN, FAMILY_WAN, NUM_TRAIN_TIMESTEPS
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
 

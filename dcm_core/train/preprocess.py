@@ -375,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         embed_dtype=args.embed_dtype, sample_posterior=args.sample_posterior, allow_shorter=args.allow_shorter,
         overwrite=args.overwrite, seed=args.seed,
     )
-    print(f"{len(rep.written)} encoded, {len(rep.kept)} kept, {len(rep.skipped)} skipped -> {rep.out_dir}")
+    print(f"{len(rep.written)} encoded, {len(rep.kept)} kept, {len(rep.skipped)} skipped -> {rep.out_dir}")  # noqa: T201 (CLI output)
     for s in rep.skipped:
-        print(f"  skipped {s['video']}: {s['reason']}")
+        print(f"  skipped {s['video']}: {s['reason']}")  # noqa: T201 (CLI output)
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from fractions import Fraction
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from safetensors.torch import load_file
 
 from dcm_core.errors import DCMCheckpointError
 from dcm_core.train import checkpoint as ck
-from dcm_core.train.config import load_config
 from dcm_core.train.trainer import DEBUG_HANG_ENV, DCMTrainer
 
 ROOT = Path(__file__).resolve().parents[3]
