@@ -286,6 +286,11 @@ class Conditioning:
 
 
 def param_dtype(model: nn.Module) -> torch.dtype:
+    """The compute dtype of a transformer: its output projection's (norms / time embedders may stay fp32)."""
+    proj = getattr(model, "proj_out", None)
+    weight = getattr(proj, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.dtype
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype

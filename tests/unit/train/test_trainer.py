@@ -138,3 +138,10 @@ def test_bf16_gradient_checkpointing_and_accumulation(family, tmp_path, th):
     assert all(math.isfinite(v) for rec in res.history for v in rec.values())
     assert _changed(s0, tr.student_unwrapped)
     assert tr.data.state() == {"epoch": 0, "batch_in_epoch": 4}  # 2 steps × 2 micro-batches of 1 = 4 samples
+
+
+def test_bf16_teacher_without_autocast(tmp_path, th):
+    data = th.make_dataset(tmp_path / "data", "wan")
+    cfg = th.tiny_config("wan", "detail", data, tmp_path / "run", model__teacher_dtype="bf16", export__at_end="false")
+    res = DCMTrainer(cfg).train()
+    assert all(math.isfinite(v) for rec in res.history for v in rec.values())
