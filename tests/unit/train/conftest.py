@@ -27,6 +27,16 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps a process-wide singleton; a bf16 run would otherwise pin later runs to bf16."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def make_dataset(root: Path, family: str, *, n: int = 3, t: int = 5, h: int = 8, w: int = 8, seed: int = 0) -> Path:
     """A tiny latent dataset: raw latents [16, t, h, w], text [8 (+1 for HY), 4096], uncond."""
     g = torch.Generator().manual_seed(seed)
