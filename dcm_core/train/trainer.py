@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,17 @@ class DCMTrainer:
 
     def _resume(self, resume: str) -> None:
         path = ck.resolve_resume(resume, self.ckpt_root)
+        if self.is_main:
+            # damaged checkpoints newer than the one resumed from would otherwise count as "newest" for rotation
+            resumed_step = int(ck.CKPT_RE.match(path.name).group(1)) if ck.CKPT_RE.match(path.name) else -1
+            for step, other in ck.list_checkpoints(self.ckpt_root):
+                if step > resumed_step and ck.verify_checkpoint(other) is not None:
+                    broken = other.with_name(f".broken-{other.name}")
+                    if broken.exists():
+                        shutil.rmtree(broken, ignore_errors=True)
+                    os.replace(other, broken)
+                    log.warning("moved the damaged %s aside to %s", other.name, broken.name)
+        self.accelerator.wait_for_everyone()
         state = ck.load_json(path / "trainer_state.json")
         saved = state.get("config", {})
         for key in ("stage",):

@@ -120,6 +120,15 @@ def test_sampler_shuffles_per_epoch_splits_and_resumes():
     assert len(odd.indices()) == 3  # padded like DistributedSampler
     noshuf = ResumableDistributedSampler(4, shuffle=False)
     assert noshuf.indices() == [0, 1, 2, 3]
+    # same order as torch's DistributedSampler for the same seed / epoch / rank
+    from torch.utils.data import DistributedSampler
+
+    for n, reps, rank, epoch in ((10, 2, 1, 0), (7, 3, 2, 4), (5, 1, 0, 9)):
+        ref = DistributedSampler(range(n), num_replicas=reps, rank=rank, shuffle=True, seed=11)
+        ref.set_epoch(epoch)
+        ours = ResumableDistributedSampler(n, num_replicas=reps, rank=rank, seed=11)
+        ours.set_epoch(epoch)
+        assert ours.indices() == list(ref)
 
 
 def test_data_stream_position_is_exact(tmp_path, th):

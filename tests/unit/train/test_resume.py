@@ -106,6 +106,9 @@ def test_corrupted_newest_checkpoint_is_skipped(tmp_path, th, caplog):
     assert "checkpoint-00000003" in caplog.text and "checkpoint-00000002" in caplog.text
     tr = DCMTrainer(cfg, resume="latest")
     assert tr.global_step == 1
+    # the damaged newer checkpoints were moved aside, so rotation / "latest" never pick them again
+    assert [p.name for _, p in ck.list_checkpoints(root)] == ["checkpoint-00000001"]
+    assert (root / ".broken-checkpoint-00000003").is_dir()
     with pytest.raises(DCMCheckpointError):
         ck.resolve_resume(str(newest), root)
     with pytest.raises(DCMCheckpointError):
