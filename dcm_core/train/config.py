@@ -445,9 +445,9 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "empty"
-    return getattr(tp, "__name__", str(tp))
+    names = {type(None): "empty (the official default)", float: "a number", int: "an integer", str: "a string",
+             bool: "true or false", list: "a list", dict: "a table"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

@@ -149,7 +149,11 @@ class DCMTrainer:
         if not self.is_main:
             log.setLevel(logging.ERROR)  # one voice: the main process logs
 
-        # 1. identical seeds everywhere while building (LoRA / discriminator init must agree)
+        # 1. data first (cheap, fails fast), then the models with identical seeds everywhere
+        #    (LoRA / discriminator initialisation must agree across processes)
+        if not cfg.data.path:
+            raise DCMConfigError("data.path is empty. Point it at a dataset folder written by `python -m dcm_core preprocess`.")
+        self.dataset = LatentDataset(cfg.data.path, cfg.data.num_latent_t)
         self._seed_everything(cfg.seed)
         self.models: StageModels = build_models(cfg)
         self.family = self.models.family
@@ -158,10 +162,7 @@ class DCMTrainer:
         self.solver = PCMSolver(cfg.stage, cfg.schedule.k0, cfg.schedule.shift, cfg.schedule.grid_steps)
         self.use_adv = cfg.stage == STAGE_DETAIL and cfg.loss.adv_weight > 0
 
-        # 2. data
-        if not cfg.data.path:
-            raise DCMConfigError("data.path is empty. Point it at a dataset folder written by `python -m dcm_core preprocess`.")
-        self.dataset = LatentDataset(cfg.data.path, cfg.data.num_latent_t)
+        # 2. data order
         self.data = DataStream(
             self.dataset,
             batch_size=cfg.data.batch_size,
