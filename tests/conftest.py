@@ -3,7 +3,10 @@
 * unit    — always; pure dcm_core + tiny diffusers models, no ComfyUI.
 * comfy   — real ComfyUI in-process; needs a work tree at $COMFYUI_PATH (default ~/ComfyUI,
             pinned to commit a125cd84 / v0.3.64). Without one the tier is skipped with one line.
-* browser — the ComfyUI frontend in headless Debian chromium (see tests/browser).
+* browser — the ComfyUI frontend in headless Debian chromium (see tests/browser); needs ComfyUI,
+            and chromium + npm playwright-core, which tools/browser_setup.sh installs when missing
+            (apt-get as root, npm); otherwise the tier is skipped with one line.
+* cli     — comfy-cli (launch / run / stop) against a real server; needs ComfyUI and comfy-cli in the venv.
 
 Tests live in tests/<tier>/; the tier is derived from the folder.
 """
@@ -59,16 +62,61 @@ def _tier_of(item) -> str:
     return parts[0] if len(parts) > 1 else "unit"
 
 
+def _browser_status() -> tuple[bool, str]:
+    """Debian chromium + npm playwright-core, installed by tools/browser_setup.sh when missing."""
+    if os.environ.get("DCM_CHROMIUM") and os.environ.get("DCM_PLAYWRIGHT_NODE_PATH"):
+        return True, f"chromium {os.environ['DCM_CHROMIUM']}"
+    try:
+        r = subprocess.run(["bash", str(ROOT / "tools" / "browser_setup.sh")], capture_output=True, text=True, timeout=900)
+    except Exception as e:  # noqa: BLE001
+        return False, f"tools/browser_setup.sh did not run: {e}"
+    out = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line and not line.startswith("SKIP"))
+    if r.returncode != 0 or "CHROMIUM" not in out or "NODE_PATH" not in out:
+        why = next((ln[5:].strip() for ln in r.stdout.splitlines() if ln.startswith("SKIP:")), "")
+        return False, why or f"tools/browser_setup.sh failed (rc {r.returncode}): {r.stderr.strip()[-300:]}"
+    os.environ["DCM_CHROMIUM"], os.environ["DCM_PLAYWRIGHT_NODE_PATH"] = out["CHROMIUM"], out["NODE_PATH"]
+    return True, f"chromium {out['CHROMIUM']}"
+
+
+def _cli_status() -> tuple[bool, str]:
+    comfy = Path(sys.executable).parent / "comfy"
+    if not comfy.is_file():
+        return False, f"comfy-cli is not installed in {Path(sys.executable).parent.parent} (tools/bootstrap.sh installs it)"
+    return True, f"comfy-cli {comfy}"
+
+
+# Tiers with prerequisites beyond the ComfyUI work tree; each check runs once, and only when the
+# tier has tests collected (the browser check may install chromium / playwright-core).
+_TIER_CHECKS = {"browser": _browser_status, "cli": _cli_status}
+_TIER_STATUS: dict[str, tuple[bool, str]] = {}
+
+
+def _tier_status(tier: str) -> tuple[bool, str]:
+    if tier not in _TIER_STATUS:
+        if not _COMFY_OK:
+            _TIER_STATUS[tier] = (False, _COMFY_NOTE)
+        elif tier in _TIER_CHECKS:
+            _TIER_STATUS[tier] = _TIER_CHECKS[tier]()
+        else:
+            _TIER_STATUS[tier] = (True, _COMFY_NOTE)
+    return _TIER_STATUS[tier]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cli: needs ComfyUI and comfy-cli (tests/cli)")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = _tier_of(item)
-        if tier in ("comfy", "browser"):
+        if tier in ("comfy", "browser", "cli"):
             item.add_marker(getattr(pytest.mark, tier))
-            if tier == "browser":
+            if tier in ("browser", "cli"):
                 item.add_marker(pytest.mark.comfy)
-            if not _COMFY_OK:
-                _SKIPPED_TIERS[tier] = _COMFY_NOTE
-                item.add_marker(pytest.mark.skip(reason=f"{tier} tier: {_COMFY_NOTE}"))
+            ok, note = _tier_status(tier)
+            if not ok:
+                _SKIPPED_TIERS[tier] = note
+                item.add_marker(pytest.mark.skip(reason=f"{tier} tier: {note}"))
 
 
 def pytest_report_header(config):
