@@ -1,6 +1,8 @@
 # DCM for ComfyUI — developer entry points. Everything runs in ./.venv (made on first use).
 #   make demo         sample the bundled toy world with the dual-expert sampler (CPU, < 1 min)
-#   make test         all test tiers (unit; comfy when a ComfyUI work tree is found; browser)
+#   make test         all test tiers (unit; comfy when a ComfyUI work tree is found; browser; cli)
+#   make test-browser the ComfyUI frontend in headless chromium (installs Debian chromium + npm playwright-core)
+#   make test-cli     comfy-cli launch / run / stop against a real ComfyUI server
 #   make bench        CPU benchmarks → bench/results/latest.json + markdown table
 #   make reliability  fuzzed / hostile inputs and fault-injection suite, with figures
 #   make toy-models   retrain the bundled toy teacher and experts from scratch
@@ -13,7 +15,7 @@ export COMFYUI_PATH
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-unit test-comfy demo bench reliability toy-models lint clean
+.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability toy-models lint clean
 
 venv:
 	@PYTHON=$(PYTHON) VENV=$(VENV) tools/bootstrap.sh
@@ -26,6 +28,12 @@ test-unit: venv
 
 test-comfy: venv
 	$(PY) -m pytest tests/comfy $(PYTEST_ARGS)
+
+test-browser: venv
+	$(PY) -m pytest tests/browser $(PYTEST_ARGS)
+
+test-cli: venv
+	$(PY) -m pytest tests/cli $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m dcm_core demo $(DEMO_ARGS)

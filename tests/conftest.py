@@ -14,6 +14,7 @@ Tests live in tests/<tier>/; the tier is derived from the folder.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,10 +65,12 @@ def _tier_of(item) -> str:
 
 def _browser_status() -> tuple[bool, str]:
     """Debian chromium + npm playwright-core, installed by tools/browser_setup.sh when missing."""
-    if os.environ.get("DCM_CHROMIUM") and os.environ.get("DCM_PLAYWRIGHT_NODE_PATH"):
-        return True, f"chromium {os.environ['DCM_CHROMIUM']}"
+    chromium, node_path = os.environ.get("DCM_CHROMIUM", ""), os.environ.get("DCM_PLAYWRIGHT_NODE_PATH", "")
+    if chromium and node_path and os.access(chromium, os.X_OK) and Path(node_path, "playwright-core").is_dir():
+        return True, f"chromium {chromium}"
     try:
-        r = subprocess.run(["bash", str(ROOT / "tools" / "browser_setup.sh")], capture_output=True, text=True, timeout=900)
+        bash = shutil.which("bash") or "/bin/bash"
+        r = subprocess.run([bash, str(ROOT / "tools" / "browser_setup.sh")], capture_output=True, text=True, timeout=900)
     except Exception as e:  # noqa: BLE001
         return False, f"tools/browser_setup.sh did not run: {e}"
     out = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line and not line.startswith("SKIP"))
@@ -117,6 +120,16 @@ def pytest_collection_modifyitems(config, items):
             if not ok:
                 _SKIPPED_TIERS[tier] = note
                 item.add_marker(pytest.mark.skip(reason=f"{tier} tier: {note}"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fold a skipped tier into one short-summary line (``SKIPPED [n] tests/<tier>: …``)."""
+    rep = yield
+    tier = _tier_of(item)
+    if rep.skipped and tier in _SKIPPED_TIERS and isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3:
+        rep.longrepr = (f"tests/{tier}", None, rep.longrepr[2])
+    return rep
 
 
 def pytest_report_header(config):
