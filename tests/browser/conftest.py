@@ -94,6 +94,9 @@ def frontend(comfy_server, tmp_path_factory):
         "scale": 0.85,
         "workflows": [{"name": p.stem, "url": f"/api/workflow_templates/{pack}/{p.name}"} for p in cs.ui_workflows()],
         "queue": [{"name": p.stem, "api": json.loads(p.read_text())} for p in cs.api_workflows()],
+        "negative": next(
+            ({"name": p.stem, "url": f"/api/workflow_templates/{pack}/{p.name}"} for p in cs.ui_workflows()), None
+        ),
     }
     plan_path = home / "plan.json"
     plan_path.write_text(json.dumps(plan))

@@ -13,12 +13,13 @@ const plan = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const T = plan.timeoutMs || 120000;
 const result = {
   ok: false, error: null, timings: {}, frontendVersion: null, blocked: [], consoleErrors: [],
-  pageErrors: [], workflows: {}, queued: {}, extensionHook: false,
+  pageErrors: [], httpErrors: [], workflows: {}, queued: {}, extensionHook: false,
 };
 const t0 = Date.now();
 const mark = (k) => { result.timings[k] = (Date.now() - t0) / 1000; };
 const save = () => fs.writeFileSync(plan.resultPath, JSON.stringify(result, null, 1));
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+let phase = "boot"; // which step a blocked request belongs to
 const LOOPBACK = new Set(["127.0.0.1", "localhost", "[::1]", "::1"]);
 
 const FLAGS = [
@@ -99,6 +100,48 @@ function graphState() {
   }));
 }
 
+// In the page: fetch a workflow and load it like the template browser does (breakIt: add an
+// unknown node type and change the first DCM node's first widget — the negative control).
+async function loadWorkflow({ url, name, breakIt }) {
+  const resp = await fetch(url);
+  if (!resp.ok) return { fetchError: `GET ${url} → HTTP ${resp.status}` };
+  const data = await resp.json();
+  let changed = null;
+  if (breakIt) {
+    for (const n of data.nodes) {
+      if (n.type.startsWith("DCM") && Array.isArray(n.widgets_values) && n.widgets_values.length) {
+        const v = n.widgets_values[0];
+        n.widgets_values[0] = typeof v === "number" ? v + 7 : typeof v === "string" ? "dcm_no_such_value" : !v;
+        changed = { id: n.id, type: n.type };
+        break;
+      }
+    }
+    const id = Math.max(0, ...data.nodes.map((n) => n.id)) + 1;
+    data.nodes.push({ id, type: "DCMNoSuchNode", pos: [0, -300], size: [240, 80], flags: {}, order: data.nodes.length,
+      mode: 0, inputs: [], outputs: [], properties: {}, widgets_values: [] });
+    data.last_node_id = Math.max(data.last_node_id || 0, id);
+  }
+  window.__dcmMissing = null;
+  window.__dcmToastMark = window.__dcmToasts.length;
+  const types = [...new Set(data.nodes.map((n) => n.type))];
+  const unregistered = types.filter((t) => !(t in LiteGraph.registered_node_types));
+  await app.loadGraphData(data, true, true, breakIt ? `${name} (negative control)` : name);
+  return { unregistered, savedNodes: data.nodes.length, changed };
+}
+
+// After a load: what the frontend reported and shows.
+async function collect(page, r) {
+  await sleep(800); // the missing-models check and its dialog are asynchronous
+  r.missingHook = await page.evaluate(() => window.__dcmMissing);
+  r.dialogs = await visibleDialogs(page);
+  r.toasts = await page.evaluate(() => window.__dcmToasts.slice(window.__dcmToastMark)
+    .map((e) => ({ cls: String(e.className), text: (e.textContent || "").trim().slice(0, 600) })));
+  r.nodes = await page.evaluate(graphState);
+  r.prompt = await page.evaluate(async () => {
+    try { return { output: (await app.graphToPrompt()).output }; } catch (e) { return { error: String(e) }; }
+  });
+}
+
 async function main() {
   const browser = await chromium.launch({ executablePath: plan.chromium, headless: true, args: FLAGS, timeout: T });
   mark("launched");
@@ -107,13 +150,14 @@ async function main() {
     await context.route("**/*", (route) => {
       const u = new URL(route.request().url());
       if (LOOPBACK.has(u.hostname)) return route.continue();
-      result.blocked.push(route.request().url());
+      result.blocked.push({ phase, url: route.request().url() });
       return route.abort();
     });
     const page = await context.newPage();
     page.setDefaultTimeout(T);
     page.on("console", (m) => { if (m.type() === "error") result.consoleErrors.push(m.text().slice(0, 500)); });
     page.on("pageerror", (e) => result.pageErrors.push(String(e && e.stack || e).slice(0, 1500)));
+    page.on("response", (x) => { if (x.status() >= 400) result.httpErrors.push(`${x.status()} ${x.request().method()} ${x.url()}`); });
 
     await page.goto(plan.url, { waitUntil: "domcontentloaded", timeout: T });
     await page.waitForFunction(() => window.app && window.app.graph && window.app.canvas && window.LiteGraph &&
@@ -128,33 +172,28 @@ async function main() {
         return true;
       } catch (e) { return false; }
     });
+    // Every toast the page shows (workflow validation warnings, "links fixed", alerts) is kept.
+    await page.evaluate(() => {
+      window.__dcmToasts = [];
+      new MutationObserver(() => {
+        for (const el of document.querySelectorAll(".p-toast-message")) {
+          if (!window.__dcmToasts.includes(el)) window.__dcmToasts.push(el);
+        }
+      }).observe(document.body, { childList: true, subtree: true });
+    });
     result.registeredDCM = await page.evaluate(() => Object.keys(LiteGraph.registered_node_types).filter((t) => t.startsWith("DCM")).sort());
     await closeDialogs(page);
 
     // ---- each UI workflow, fetched from the template route the frontend's template browser uses
     for (const wf of plan.workflows) {
       const r = (result.workflows[wf.name] = { error: null });
+      phase = `workflow:${wf.name}`;
       try {
-        const loaded = await page.evaluate(async ({ url, name }) => {
-          const resp = await fetch(url);
-          if (!resp.ok) return { fetchError: `GET ${url} → HTTP ${resp.status}` };
-          const data = await resp.json();
-          window.__dcmMissing = null;
-          const types = [...new Set(data.nodes.map((n) => n.type))];
-          const unregistered = types.filter((t) => !(t in LiteGraph.registered_node_types));
-          await app.loadGraphData(data, true, true, name);
-          return { unregistered, savedNodes: data.nodes.length };
-        }, wf);
+        await closeDialogs(page);
+        const loaded = await page.evaluate(loadWorkflow, { ...wf, breakIt: false });
         Object.assign(r, loaded);
         if (loaded.fetchError) { r.error = loaded.fetchError; continue; }
-        await sleep(800); // the missing-models check and its dialog are asynchronous
-        r.missingHook = await page.evaluate(() => window.__dcmMissing);
-        r.dialogs = await visibleDialogs(page);
-        r.nodes = await page.evaluate(graphState);
-        r.prompt = await page.evaluate(async () => {
-          try { return { output: (await app.graphToPrompt()).output }; } catch (e) { return { error: String(e) }; }
-        });
-        await closeDialogs(page);
+        await collect(page, r);
         r.frame = await frameGraph(page, plan.scale || 0.85);
         r.screenshot = path.join(plan.outDir, `${wf.name}.png`);
         await page.screenshot({ path: r.screenshot });
@@ -165,10 +204,31 @@ async function main() {
       save();
     }
 
+    // ---- negative control: the same workflow with an unknown node and a changed DCM widget
+    if (plan.negative) {
+      const r = (result.negative = { error: null, name: plan.negative.name });
+      phase = "negative"; // the missing-nodes dialog asks api.comfy.org about the unknown node (blocked)
+      try {
+        await closeDialogs(page);
+        Object.assign(r, await page.evaluate(loadWorkflow, { ...plan.negative, breakIt: true }));
+        await collect(page, r);
+        const n = r.changed && r.nodes.find((x) => x.id === r.changed.id);
+        r.changedWidget = n ? (n.widgets.find((w) => w.serialize) || {}).name : null;
+        r.screenshot = path.join(plan.outDir, `negative_control_${plan.negative.name}.png`);
+        await page.screenshot({ path: r.screenshot });
+        await closeDialogs(page);
+      } catch (e) {
+        r.error = String(e && e.stack || e);
+      }
+      mark("negative");
+      save();
+    }
+
     // ---- queue tiny-model API workflows from the UI; wait on the server's history
     await page.setViewportSize({ width: 1600, height: 1000 });
     for (const q of plan.queue) {
       const r = (result.queued[q.name] = { error: null });
+      phase = `queue:${q.name}`;
       try {
         await closeDialogs(page);
         r.missing = await page.evaluate(({ api, name }) => {

@@ -354,3 +354,19 @@ def test_requirement_lines_install_one_by_one():
                     except metadata.PackageNotFoundError:
                         continue
                     assert Version(ver) >= have, f"{ln!r} would downgrade {name} {have} to {ver}"
+
+
+# --------------------------------------------------------------------------- workflows ↔ registry id
+def test_workflow_nodes_name_this_pack_by_its_registry_id():
+    """The frontend (missing-nodes dialog) and ComfyUI-Manager look packs up by ``properties.cnr_id``:
+    the pack's nodes must carry the registry id, and the examples need no other custom-node pack."""
+    name = PYPROJECT["project"]["name"]
+    for path in sorted((ROOT / "workflows").glob("*.json")):
+        for node in json.loads(path.read_text()).get("nodes", []):
+            cnr = (node.get("properties") or {}).get("cnr_id")
+            if node["type"].startswith("DCM"):
+                assert cnr in (None, name), (
+                    f"{path.name}: {node['type']} #{node['id']} has cnr_id {cnr!r}, not {name!r}"
+                )
+            else:
+                assert cnr in (None, "comfy-core", name), f"{path.name}: {node['type']} needs another pack ({cnr!r})"
