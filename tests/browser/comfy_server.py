@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,14 +185,51 @@ def _same_fs(a: Path, b: Path) -> bool:
         return False
 
 
-def make_base(base: Path) -> None:
-    """Lay out a ComfyUI ``--base-directory`` for the pack (models come from :class:`ModelBuild`)."""
+def make_base(base: Path, *, link_pack: bool = True) -> None:
+    """Lay out a ComfyUI ``--base-directory`` for the pack (models come from :class:`ModelBuild`).
+    ``link_pack=False`` leaves ``custom_nodes/<registry id>`` to the caller (see :func:`install_registry_zip`)."""
     for sub in ("custom_nodes", "input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     for kind in MODEL_KINDS:
         (base / "models" / kind).mkdir(parents=True, exist_ok=True)
-    os.symlink(ROOT, base / "custom_nodes" / PACK_DIR_NAME)
+    if link_pack:
+        os.symlink(ROOT, base / "custom_nodes" / PACK_DIR_NAME)
     os.symlink(TEST_NODES, base / "custom_nodes" / "dcm_testing_nodes")
+
+
+def install_registry_zip(base: Path, work: Path) -> tuple[Path, list[str]]:
+    """Install the pack the way ``comfy node registry-install`` / ComfyUI-Manager do: the registry zip
+    (comfy-cli's own ``zip_files``: git-tracked files, .comfyignore, ``[tool.comfy] includes``, read
+    from the working tree) unpacked into ``custom_nodes/<registry id>``.
+
+    New files git does not track yet (and does not ignore) are added too, so work in progress runs;
+    they are returned so the caller can warn that a publish would leave them out."""
+    work.mkdir(parents=True, exist_ok=True)
+    zpath = work / "node.zip"
+    includes = tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {}).get("comfy", {}).get("includes", [])
+    code = (
+        "import sys, json; from comfy_cli.file_utils import zip_files; zip_files(sys.argv[1], json.loads(sys.argv[2]))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(zpath), json.dumps(includes)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    if r.returncode != 0 or not zpath.is_file():
+        raise RuntimeError(f"comfy-cli zip_files failed (rc {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    dst = base / "custom_nodes" / PACK_DIR_NAME
+    with zipfile.ZipFile(zpath) as zf:
+        zf.extractall(dst)
+    added = []
+    for rel in untracked_files():
+        if not (dst / rel).exists() and (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+            added.append(rel)
+    return dst, added
+
+
+def untracked_files() -> list[str]:
+    """Files git neither tracks nor ignores (not in a registry zip until committed)."""
+    r = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True)
+    return [f for f in r.stdout.decode().split("\0") if f] if r.returncode == 0 else []
 
 
 def _cache_key(needs: ModelNeeds) -> str:

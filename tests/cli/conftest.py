@@ -9,6 +9,9 @@ its entries, with a real ``user/`` folder): ``comfy launch --background`` writes
 ``<workspace>/user/comfyui_<port>.log``, and the ComfyUI work tree itself must stay untouched.
 ComfyUI resolves the ``main.py`` symlink, so it runs from the real tree; ``--base-directory``
 points models, custom_nodes, input, output and user at a temporary folder (tests/browser/comfy_server.py).
+The pack is installed there from its registry zip (what `comfy node pack` / publish upload), unpacked
+into ``custom_nodes/<registry id>`` as `comfy node registry-install` does, so this tier also proves the
+published archive runs.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,7 +131,12 @@ def comfy_cli_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("cli_home")
     ws = mirror_workspace(cs.comfyui_path(), tmp_path_factory.mktemp("cli_ws") / "ComfyUI")
     base = tmp_path_factory.mktemp("cli_base")
-    cs.make_base(base)
+    cs.make_base(base, link_pack=False)
+    # as `comfy node registry-install` does
+    _, untracked = cs.install_registry_zip(base, tmp_path_factory.mktemp("cli_zip"))
+    if untracked:
+        warnings.warn(f"cli tier: {len(untracked)} file(s) not in git were added to the registry zip "
+                      f"(a publish would leave them out): {untracked[:12]}", stacklevel=1)  # fmt: skip
     build = cs.ModelBuild(base / "models").start()
     cli = ComfyCLI(home, ws)
     cli("--skip-prompt", "tracking", "disable", check=True, timeout=60)

@@ -20,6 +20,7 @@ def test_launch_background_serves_the_pack(comfy_cli_server):
     info = cs.http_json(url + "/object_info", timeout=30)
     pack_nodes = [t for t in info if t.startswith("DCM") and not t.startswith("DCMTest")]
     assert pack_nodes, f"no DCM node in /object_info of the comfy-launched server\n{cs.tail(comfy_cli_server['log'])}"
+    assert (comfy_cli_server["base"] / "custom_nodes" / cs.PACK_DIR_NAME / "__init__.py").is_file()
     stats = cs.http_json(url + "/system_stats")
     assert stats["devices"][0]["type"] == "cpu"
     argv = stats["system"].get("argv") or []
