@@ -337,6 +337,10 @@ def test_requirements_survive_manager_per_line_install():
 
 def test_requirement_lines_install_one_by_one():
     """ComfyUI-Manager runs `pip install <line>` for each line; each must resolve on its own."""
+    # `git clone` + `pip install -r requirements.txt` (the manual install) must work as well.
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--disable-pip-version-check", "-q",
+                        "-r", str(ROOT / "requirements.txt")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, f"pip install --dry-run -r requirements.txt failed:\n{r.stderr[-2000:]}"
     lines = requirement_lines(ROOT / "requirements.txt")
     if not lines:
         return  # nothing for Manager to install: the nodes use only what ComfyUI ships
