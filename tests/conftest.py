@@ -68,6 +68,10 @@ def _browser_status() -> tuple[bool, str]:
     chromium, node_path = os.environ.get("DCM_CHROMIUM", ""), os.environ.get("DCM_PLAYWRIGHT_NODE_PATH", "")
     if chromium and node_path and os.access(chromium, os.X_OK) and Path(node_path, "playwright-core").is_dir():
         return True, f"chromium {chromium}"
+    if not os.access(chromium or "/usr/bin/chromium", os.X_OK) and _CONFIG is not None:
+        tr = _CONFIG.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line("browser tier: installing Debian chromium and npm playwright-core (tools/browser_setup.sh) ...")
     try:
         bash = shutil.which("bash") or "/bin/bash"
         r = subprocess.run([bash, str(ROOT / "tools" / "browser_setup.sh")], capture_output=True, text=True, timeout=900)
@@ -105,7 +109,12 @@ def _tier_status(tier: str) -> tuple[bool, str]:
     return _TIER_STATUS[tier]
 
 
+_CONFIG = None
+
+
 def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
     config.addinivalue_line("markers", "cli: needs ComfyUI and comfy-cli (tests/cli)")
 
 
