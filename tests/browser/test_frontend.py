@@ -23,7 +23,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 UI = sorted((ROOT / "workflows").glob("*.json"))
 API = sorted((ROOT / "tests" / "comfy" / "workflows_api").glob("*.json"))
-FRONTEND_VERSION = "1.27.10"  # ComfyUI a125cd84 requirements.txt: comfyui-frontend-package==1.27.10
 FILE_INPUTS = {"ckpt_name", "unet_name", "lora_name", "vae_name", "clip_name"}
 # Known harmless frontend noise on a bare server (testing-on-cpu.md §7).
 HARMLESS_PAGE_ERRORS = ("reading 'id'",)
@@ -70,7 +69,10 @@ def test_server_loaded_the_pack_without_import_errors(comfy_server):
 
 # --------------------------------------------------------------------------- page
 def test_ui_boots_offline_with_the_pack_registered(frontend, comfy_server):
-    assert frontend["frontendVersion"] == FRONTEND_VERSION
+    from importlib.metadata import version
+
+    # The page is the frontend ComfyUI serves from its pinned comfyui-frontend-package (1.27.10 at a125cd84).
+    assert frontend["frontendVersion"] == version("comfyui_frontend_package")
     # (Only the negative control's missing-nodes dialog asks api.comfy.org about the unknown node.)
     blocked = [b for b in frontend["blocked"] if b["phase"] != "negative"]
     assert not blocked, f"the page tried to reach non-loopback hosts (blocked): {blocked[:10]}"
