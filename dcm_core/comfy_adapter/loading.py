@@ -1,17 +1,18 @@
 """Model loading for the DCM nodes: files → ComfyUI ModelPatchers.
 
-* The **semantic expert** is a plain ComfyUI model built from the converted state dict with
-  ``comfy.sd.load_diffusion_model_state_dict`` (the same call and ``model_options`` as the stock
-  ``UNETLoader``, plus bf16 / fp16).
-* The **detail expert** is ``semantic.clone()`` carrying the expert as weight patches, built with
-  ``comfy.lora.load_lora`` + ``add_patches`` — exactly the path of stock ``LoraLoaderModelOnly``.
-  Both outputs therefore share one set of base weights. Unlike the stock loader (which only logs
-  "NOT LOADED"), every patch the expert needs must be accepted, or :class:`DCMCoverageError`
-  lists the keys that were not.
+* The **semantic expert** is a plain ComfyUI model built from the converted state dict by the steps of
+  ``comfy.sd.load_diffusion_model_state_dict`` (the stock ``UNETLoader`` path, plus bf16 / fp16), except
+  that the converted tensors *become* the model's weights instead of being copied into it: peak RAM
+  is ~1× the model, not 2× (:func:`_model_from_state_dict`).
+* The **detail expert** is ``semantic.clone()``: the same key mapping as stock ``LoraLoaderModelOnly``
+  (``comfy.lora.load_lora``); its LoRA layers run as a forward-time bypass (:mod:`.bypass`, no merge
+  per expert switch, no second copy of the patched weights) and its replaced layers (embedders, head)
+  as ``add_patches`` weight patches. Both outputs share one set of base weights. Unlike the stock
+  loader (which only logs "NOT LOADED"), every patch the expert needs must be accepted, or
+  :class:`DCMCoverageError` lists the keys that were not.
 * A module-level cache keyed by ``(realpath, size, mtime_ns, dtype)`` keeps the last loaded
   checkpoint, so a re-run with a fresh node cache does not read the file again. It holds the
-  *built* base model, not the tensors: ComfyUI copies tensors into the model when it loads them,
-  so a tensor cache would hold every weight twice (6 GB more for the fp32 Wan 1.3B file).
+  *built* base model, not the tensors (a tensor cache would hold every weight twice).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ..errors import (
     DCMUnsupportedFileError,
 )
 from ..schedule import FAMILY_HUNYUAN, FAMILY_WAN
+from . import bypass
 
 log = logging.getLogger("DCM.comfy")
 
@@ -193,8 +195,12 @@ def model_shapes(model: Any) -> dict[str, tuple[int, ...]]:
 
 
 def build_semantic_model(semantic_sd: dict, weight_dtype: str, *, family: str, name: str) -> Any:
-    """The semantic expert as a ComfyUI ModelPatcher (stock UNETLoader path, with bf16/fp16 added)."""
-    model = comfy.sd.load_diffusion_model_state_dict(dict(semantic_sd), model_options=model_options_for(weight_dtype))
+    """The semantic expert as a ComfyUI ModelPatcher (stock UNETLoader path, with bf16/fp16 added).
+
+    **Consumes** ``semantic_sd``: its tensors become the model's weights (see :func:`_model_from_state_dict`)
+    and the dict is emptied, so the caller's converted tensors are never held twice.
+    """
+    model = _model_from_state_dict(semantic_sd, model_options_for(weight_dtype))
     if model is None:
         raise DCMUnsupportedFileError(
             f"{CHECKPOINT_NODE}: ComfyUI could not recognise the model in '{name}' after conversion. The file "
@@ -208,6 +214,98 @@ def build_semantic_model(semantic_sd: dict, weight_dtype: str, *, family: str, n
             f"{family_label(got)} from it. The file is inconsistent; re-download or re-convert it."
         )
     return model
+
+
+def _model_from_state_dict(sd: dict, model_options: dict) -> Any:
+    """``comfy.sd.load_diffusion_model_state_dict`` without the second copy of the weights.
+
+    The stock call builds the model with empty parameters and then *copies* the state dict into them
+    (``load_state_dict``), so while it runs the process holds every weight twice (2× the model for a
+    bf16 1.3B Wan: 5.7 GB instead of 2.8 GB). Here the same steps run (prefix, model detection,
+    storage / compute dtype, ``get_model``), then each tensor *becomes* its parameter (converted only
+    if ComfyUI chose another dtype or device) and is dropped from ``sd`` at once: the untouched empty
+    parameters are never paged in, and peak RAM stays ~1× the model. Anything unexpected (no model
+    config, a diffusers-layout state dict) goes through the stock call unchanged.
+    """
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+
+    work = sd
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(work)
+    stripped = comfy.utils.state_dict_prefix_replace(work, {prefix: ""}, filter_keys=True)
+    if len(stripped) > 0:
+        work = stripped
+    model_config = comfy.model_detection.model_config_from_unet(work, "")
+    if model_config is None:  # not a ComfyUI-layout diffusion model: the stock path decides (and logs)
+        merged = dict(work)
+        sd.clear()
+        return comfy.sd.load_diffusion_model_state_dict(merged, model_options=model_options)
+    dtype = model_options.get("dtype", None)
+    parameters = comfy.utils.calculate_parameters(work)
+    weight_dtype = comfy.utils.weight_dtype(work)
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    if model_config.scaled_fp8 is not None:
+        weight_dtype = None
+    if dtype is None:
+        unet_dtype = mm.unet_dtype(
+            model_params=parameters, supported_dtypes=list(model_config.supported_inference_dtypes), weight_dtype=weight_dtype
+        )
+    else:
+        unet_dtype = dtype
+    manual_cast_dtype = mm.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(unet_dtype, manual_cast_dtype)
+    model_config.custom_operations = model_options.get("custom_operations", model_config.custom_operations)
+    if model_options.get("fp8_optimizations", False):
+        model_config.optimizations["fp8"] = True
+    model = model_config.get_model(work, "")
+    model = model.to(offload_device)
+    to_load = dict(model_config.process_unet_state_dict(work))  # may return ``work`` itself
+    work.clear()
+    sd.clear()
+    _assign_weights(model.diffusion_model, to_load)
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+
+def _assign_weights(module: torch.nn.Module, to_load: dict) -> None:
+    """``module.load_state_dict(to_load, strict=False)`` by assignment, emptying ``to_load`` as it goes."""
+    slots: dict[str, tuple[torch.nn.Module, str, bool]] = {}
+    for mod_name, mod in module.named_modules():
+        pre = f"{mod_name}." if mod_name else ""
+        for n, p in mod._parameters.items():
+            if p is not None:
+                slots[pre + n] = (mod, n, True)
+        for n, b in mod._buffers.items():
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                slots[pre + n] = (mod, n, False)
+    unexpected = []
+    with torch.no_grad():
+        for key in list(to_load):
+            t = to_load.pop(key)
+            slot = slots.pop(key, None)
+            if slot is None:
+                unexpected.append(key)
+                continue
+            mod, n, is_param = slot
+            old = mod._parameters[n] if is_param else mod._buffers[n]
+            if tuple(old.shape) != tuple(t.shape):
+                raise DCMUnsupportedFileError(
+                    f"{CHECKPOINT_NODE}: tensor '{key}' has shape {tuple(t.shape)} but ComfyUI's model expects "
+                    f"{tuple(old.shape)}; the file is damaged or was edited."
+                )
+            if t.dtype != old.dtype or t.device != old.device:
+                t = t.to(device=old.device, dtype=old.dtype)
+            if is_param:
+                mod._parameters[n] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
+            else:
+                mod._buffers[n] = t
+            del t, old
+    if slots:
+        log.warning("unet missing: %s", sorted(slots))
+    if unexpected:
+        log.warning("unet unexpected: %s", unexpected)
 
 
 def _unmatched_file_keys(patches: dict, key_map: dict) -> list[str]:
@@ -235,8 +333,10 @@ def apply_detail_expert(
 ) -> Any:
     """A clone of ``model`` with the detail expert as weight patches; every expected key must land.
 
-    Same calls as stock ``LoraLoaderModelOnly`` (``model_lora_keys_unet`` → ``load_lora`` →
-    ``clone().add_patches``); the input model is never modified.
+    Same key mapping as stock ``LoraLoaderModelOnly`` (``model_lora_keys_unet`` → ``load_lora``), but the
+    plain LoRA layers are applied as a forward-time bypass (:mod:`.bypass`) instead of merged weight
+    patches; the replaced layers (``diff``) stay ``add_patches`` weight patches. The input model is never
+    modified.
     """
     from ..formats import check_compatible
 
@@ -245,8 +345,12 @@ def apply_detail_expert(
     loaded = comfy.lora.load_lora(detail.patches, key_map, log_missing=False)
     unknown = _unmatched_file_keys(detail.patches, key_map)
     out = model.clone()
-    accepted = out.add_patches(loaded, float(strength))
-    accepted_keys = {k if isinstance(k, str) else k[0] for k in accepted}
+    # LoRA layers: forward-time bypass (no merge, no second copy per switch); the rest: weight patches
+    lora_bypass, weight_patches, bypassed = bypass.split_bypass(out, loaded, float(strength))
+    accepted = out.add_patches(weight_patches, float(strength))
+    if lora_bypass is not None:
+        bypass.attach(out, lora_bypass)
+    accepted_keys = {k if isinstance(k, str) else k[0] for k in accepted} | bypassed
     expected = set(detail.expected_targets)
     missing = expected - accepted_keys
     if missing or unknown:
@@ -302,7 +406,8 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
         raise _with_node(node, e) from e
     STATS["checkpoint_reads"] += 1
     semantic_sd, expert, family = bundle.semantic_sd, bundle.detail, bundle.family
-    del bundle  # drop the converted tensors as soon as the model holds its own copy
+    bundle.semantic_sd = {}
+    del bundle  # the build below takes the converted tensors over as the model's weights (no second copy)
     base = build_semantic_model(semantic_sd, weight_dtype, family=family, name=ckpt_name)
     del semantic_sd
     try:
