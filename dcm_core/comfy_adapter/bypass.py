@@ -36,12 +36,11 @@ import uuid
 import weakref
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 import comfy.patcher_extension
 import comfy.utils
 import comfy.weight_adapter
+import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("DCM.comfy")
 

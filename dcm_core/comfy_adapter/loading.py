@@ -24,12 +24,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import torch
-
 import comfy.lora
 import comfy.model_base
 import comfy.sd
 import folder_paths
+import torch
 
 from ..errors import (
     DCMConfigError,

@@ -1,0 +1,1 @@
+"""DCM node-pack benchmarks: ``python -m bench.run`` (see bench/README.md)."""

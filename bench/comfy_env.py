@@ -1,0 +1,139 @@
+"""Real ComfyUI, in-process, for the benchmarks (the boot recipe of tests/comfy/conftest.py).
+
+:func:`boot` puts the ComfyUI work tree at ``$COMFYUI_PATH`` on ``sys.path`` (``--cpu`` unless a GPU run
+asks otherwise), makes a temporary base directory whose ``custom_nodes`` holds the pack (a symlink to
+this repo, or to ``pack`` for before/after comparisons) and the bench-only nodes (``bench/comfy_nodes``),
+loads custom nodes with ComfyUI's own loader and returns a :class:`Harness` that validates and executes
+API-format prompts through ``execution.PromptExecutor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_NODES = Path(__file__).resolve().parent / "comfy_nodes"
+PACK_DIR_NAME = "dcm-video"
+
+
+def comfy_path() -> Path:
+    return Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
+
+
+class StubServer:
+    """The few attributes PromptExecutor and the progress hook use."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+    def send_progress_text(self, *a, **k):
+        pass
+
+
+class Harness:
+    def __init__(self, base: Path):
+        import execution
+
+        self.base = base
+        self.execution = execution
+        self.server = StubServer()
+        self.models = base / "models"
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+
+    def model_dir(self, kind: str) -> Path:
+        return self.models / kind
+
+    def link_model(self, kind: str, path: Path, name: str | None = None) -> str:
+        """Symlink a model file into models/<kind>; returns the name ComfyUI lists."""
+        dest = self.models / kind / (name or Path(path).name)
+        if not dest.exists():
+            os.symlink(os.path.realpath(path), dest)
+        return dest.name
+
+    def run(self, prompt: dict) -> float:
+        """Validate, then execute ``prompt``; returns the wall time of ``execute`` (validation excluded)."""
+        pid = str(uuid.uuid4())
+        ok, err, outputs, node_errors = asyncio.run(self.execution.validate_prompt(pid, prompt, None))[:4]
+        if not ok or node_errors:
+            raise RuntimeError(f"prompt failed validation: {err} {node_errors}")
+        self.server.last_prompt_id = pid
+        t0 = time.perf_counter()
+        self.executor.execute(prompt, pid, {}, outputs)
+        wall = time.perf_counter() - t0
+        if not self.executor.success:
+            msg = ""
+            for ev, data in self.executor.status_messages:
+                if ev == "execution_error":
+                    msg = f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
+                    tb = "".join(data.get("traceback") or [])
+                    msg += "\n" + tb
+            raise RuntimeError(f"prompt failed: {msg}")
+        return wall
+
+
+def boot(*, pack: str | os.PathLike | None = None, cpu: bool = True, lowvram: bool = False,
+         base: Path | None = None, threads: int | None = None) -> Harness:
+    """Boot ComfyUI in this process; ``pack`` = the node pack folder to load (default: this repo)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    sys.path.insert(0, str(comfy_path()))
+    from comfy.cli_args import args
+
+    args.cpu = cpu
+    args.lowvram = lowvram
+    args.disable_api_nodes = True
+    import folder_paths
+    import utils.install_util  # noqa: F401  (import-order trap, testing-on-cpu.md §4.1)
+
+    base = Path(base or tempfile.mkdtemp(prefix="dcm_bench_comfy_"))
+    for sub in ("output", "temp", "input", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.set_input_directory(str(base / "input"))
+    if hasattr(folder_paths, "set_user_directory"):
+        folder_paths.set_user_directory(str(base / "user"))
+    for kind in ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints"):
+        d = base / "models" / kind
+        d.mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(kind, str(d), is_default=True)
+    custom = base / "custom_nodes"
+    custom.mkdir(exist_ok=True)
+    os.symlink(os.path.realpath(pack or ROOT), custom / PACK_DIR_NAME)
+    os.symlink(BENCH_NODES, custom / "dcm_bench_nodes")
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    missing = [n for n in ("DCMCheckpointLoader", "DCMDualExpertSampler", "DCMBenchCallTimer") if n not in nodes.NODE_CLASS_MAPPINGS]
+    if missing:
+        raise RuntimeError(f"ComfyUI did not load {missing} (see the log for 'Cannot import')")
+    return Harness(base)
+
+
+def pack_module(sub: str):
+    """A submodule of the pack *as ComfyUI loaded it* (its caches and switches)."""
+    import importlib
+
+    for name, mod in list(sys.modules.items()):
+        if name.endswith(PACK_DIR_NAME.replace(".", "_x_")) or name.endswith("/" + PACK_DIR_NAME):
+            return importlib.import_module(f"{name}.{sub}")
+    raise KeyError(f"pack module {sub} not loaded")
