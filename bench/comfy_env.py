@@ -87,7 +87,7 @@ class Harness:
 
 
 def boot(*, pack: str | os.PathLike | None = None, cpu: bool = True, lowvram: bool = False,
-         base: Path | None = None, threads: int | None = None) -> Harness:
+         reserve_vram: float | None = None, base: Path | None = None, threads: int | None = None) -> Harness:
     """Boot ComfyUI in this process; ``pack`` = the node pack folder to load (default: this repo)."""
     import torch
 
@@ -98,6 +98,8 @@ def boot(*, pack: str | os.PathLike | None = None, cpu: bool = True, lowvram: bo
 
     args.cpu = cpu
     args.lowvram = lowvram
+    if reserve_vram is not None:
+        args.reserve_vram = reserve_vram
     args.disable_api_nodes = True
     import folder_paths
     import utils.install_util  # noqa: F401  (import-order trap, testing-on-cpu.md §4.1)

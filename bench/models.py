@@ -159,3 +159,27 @@ def write_tiny(dir_: Path) -> dict[str, str]:
     os.replace(res.semantic_path, sem)
     os.replace(res.detail_path, det)
     return {"official": official.name, "semantic": sem.name, "detail": det.name}
+
+
+def ensure_converted(official: Path, dtype: str = "bf16", log=print) -> tuple[Path, Path]:
+    """``dcm convert`` of the cached official file (for the stock UNETLoader + LoraLoaderModelOnly path), cached."""
+    from dcm_core.formats import convert_official
+
+    st = official.stat()
+    d = cache_dir() / f"converted_{dtype}"
+    man_path = d / "manifest.json"
+    want = {"source": official.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "dtype": dtype}
+    if man_path.exists():
+        try:
+            man = json.loads(man_path.read_text())
+        except ValueError:
+            man = {}
+        sem, det = d / man.get("semantic", "-"), d / man.get("detail", "-")
+        if man.get("spec") == want and sem.exists() and det.exists():
+            return sem, det
+    log(f"converting {official.name} to pack-native {dtype} files (one-off) ...")
+    t0 = time.perf_counter()
+    res = convert_official(official, d, dtype=dtype, name=f"dcm_bench_wan1.3b_{dtype}", progress=False)
+    man_path.write_text(json.dumps({"spec": want, "semantic": res.semantic_path.name, "detail": res.detail_path.name,
+                                    "seconds": time.perf_counter() - t0}))
+    return res.semantic_path, res.detail_path

@@ -77,6 +77,13 @@ class Graph:
             "91": {"class_type": "DCMBenchModelSink", "inputs": {"model": ["1", 1], "key": "detail"}},
         }
 
+    def stock_load_only(self) -> dict:
+        """Just the stock loaders (into sinks): loads them once before the timed runs."""
+        p = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in self.base.items()}
+        p["92"] = {"class_type": "DCMBenchModelSink", "inputs": {"model": ["60", 0], "key": "stock_semantic"}}
+        p["93"] = {"class_type": "DCMBenchModelSink", "inputs": {"model": ["61", 0], "key": "stock_detail"}}
+        return p
+
     # ---- the dual-expert variants (same experts, noise and sigmas; ksampler_advanced_chain: same NFE)
     def dcm_sampler(self, seed: int) -> dict:
         """Ours: DCMDualExpertSampler (preset sigmas, euler inside)."""

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PROFILES = {
-    "quick": dict(big=False, tiny_rounds=3, big_rounds=0, big_std_steps=3, compute_bound=False,
+    "quick": dict(big=False, tiny_rounds=3, big_rounds=0, bf16_rounds=0, big_std_steps=3, compute_bound=False,
                   train_tiny=3, train_big=0),
-    "default": dict(big=True, tiny_rounds=5, big_rounds=2, big_std_steps=3, compute_bound=False,
+    "default": dict(big=True, tiny_rounds=5, big_rounds=2, bf16_rounds=1, big_std_steps=3, compute_bound=False,
                     train_tiny=4, train_big=2),
-    "full": dict(big=True, tiny_rounds=7, big_rounds=3, big_std_steps=4, compute_bound=True,
+    "full": dict(big=True, tiny_rounds=7, big_rounds=3, bf16_rounds=2, big_std_steps=4, compute_bound=True,
                  train_tiny=6, train_big=3),
 }
 
@@ -256,11 +256,22 @@ def _met(value, target, le=True, rng=None):
 def build_rows(R: dict) -> list[tuple[str, str, str, str, str]]:
     rows = []
     A = R["analysis"]
-    for model in ("wan1.3b_fp32", "tiny"):
+    labels = {"wan1.3b_fp32": "Wan 1.3B-shape fp32", "wan1.3b_bf16": "Wan 1.3B-shape bf16", "tiny": "tiny Wan"}
+    for model in ("wan1.3b_fp32", "wan1.3b_bf16", "tiny"):
         s = A.get(f"sampling_{model}") or {}
         if not s:
             continue
-        label = "Wan 1.3B-shape fp32" if model != "tiny" else "tiny Wan"
+        label = labels[model]
+        if model == "wan1.3b_bf16":  # only ours vs the whole stock design here
+            v = s.get("vs_stock_loaders_chain_cpu")
+            if v is not None:
+                rows.append(("2. Ours ÷ stock loaders (UNETLoader+LoraLoaderModelOnly) + chain", label,
+                             f"{_f(v, 3)} CPU ({_f(s.get('vs_stock_loaders_chain_wall'), 3)} wall)", "≤ 1.0",
+                             _met(v, TARGETS["vs_stock"], rng=s.get("vs_stock_loaders_chain_cpu_range"))))
+                sw = s.get("switch_cpu_s_stock_loaders_chain")
+                rows.append(("3. Expert switch ÷ one call, stock loaders chain (merged LoRA) for comparison", label,
+                             f"{_f(sw / s['call_cpu_s'] if sw is not None else None, 3)} CPU ({_f(sw, 3)} s)", "—", "info"))
+            continue
         rows.append(("1. Sampler overhead: DCMDualExpertSampler ÷ Σ its model calls", label,
                      f"{_f(s['overhead_cpu'], 3)} CPU ({_f(s['overhead_wall'], 3)} wall)", "≤ 1.05",
                      _met(s["overhead_cpu"], TARGETS["overhead"], rng=s.get("overhead_cpu_range"))))
@@ -290,6 +301,11 @@ def build_rows(R: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append(("4. Load official fp32 → bf16 (DCMCheckpointLoader): peak RSS − boot RSS ÷ bf16 model size",
                      "Wan 1.3B-shape", f"{_f(m['load_rss_ratio'], 2)} (anon only: {_f(m['load_anon_ratio'], 2)})", "≤ 1.3",
                      _met(m["load_rss_ratio"], TARGETS["load_rss"])))
+        mp = A.get("memory_wan1.3b_bf16_pread") or {}
+        if "load_rss_ratio" in mp:
+            rows.append(("4. Same load, what-if: the pack's safetensors reader using positioned reads instead of mmap",
+                         "Wan 1.3B-shape", f"{_f(mp['load_rss_ratio'], 2)} (anon only: {_f(mp['load_anon_ratio'], 2)})",
+                         "≤ 1.3", _met(mp["load_rss_ratio"], TARGETS["load_rss"])))
         pl = R["workers"].get("plain_load") or {}
         if "wall" in pl:
             rows.append(("4. Load time ÷ plain safetensors load_file + one read pass of the same file", "Wan 1.3B-shape",
@@ -319,8 +335,8 @@ def render_md(R: dict) -> str:
         "# DCM node pack benchmarks (CPU)",
         "",
         f"{M['date']} · {M['cpu_model']} · {M['cpu_affinity']} cores · {M['ram_bytes'] / 2**30:.0f} GiB RAM · "
-        f"torch {M['torch']} (1 thread) · ComfyUI {M['comfyui_version']} ({M['comfyui_commit']}) · pack {M['pack_commit']}"
-        f"{' (dirty)' if M['pack_dirty'] else ''} · load average {M['loadavg_at_start'][0]:.1f} → {R['loadavg_at_end'][0]:.1f} · "
+        f"torch {M['torch']} (1 thread) · ComfyUI {M['comfyui_version']} ({M['comfyui_commit']}) · "
+        f"{('pack from ' + R['pack']) if R.get('pack') else 'pack ' + M['pack_commit'] + (' (dirty)' if M['pack_dirty'] else '')} · load average {M['loadavg_at_start'][0]:.1f} → {R['loadavg_at_end'][0]:.1f} · "
         f"profile {R['profile']} · total {R['total_s'] / 60:.1f} min",
         "",
         "| Scenario | Model | Measured | Target | Met? |",
@@ -376,11 +392,23 @@ def main(argv: list[str] | None = None) -> int:
         log("Wan 1.3B-shape: plain safetensors load of the official fp32 file")
         R["workers"]["plain_load"] = run_worker("worker_plain", [big], work, "plain_load", 900)
     if big and "bf16" not in skip:
-        log("Wan 1.3B-shape: DCMCheckpointLoader official fp32 → bf16, then one DCM run (RSS)")
+        from .models import ensure_converted
+
+        sem_f, det_f = ensure_converted(Path(big), "bf16", log=log)
+        log("Wan 1.3B-shape bf16: DCMCheckpointLoader official fp32 → bf16, one DCM run (RSS), "
+            "ours vs stock UNETLoader + LoraLoaderModelOnly chain")
         w = run_worker("worker_comfy", ["--model", "wan1.3b", "--ckpt", big, "--weight-dtype", "bf16",
-                                        "--parts", "load,rss", *pack], work, "wan1.3b_bf16", 1500)
+                                        "--parts", "load,rss,sampling,stock_loaders", "--variants", "dcm_sampler",
+                                        "--rounds", str(P["bf16_rounds"]), "--stock-files", f"{sem_f},{det_f}", *pack],
+                       work, "wan1.3b_bf16", 1500)
         R["workers"]["wan1.3b_bf16"] = w
         R["analysis"]["memory_wan1.3b_bf16"] = analyse_memory(w)
+        R["analysis"]["sampling_wan1.3b_bf16"] = analyse_sampling(w)
+        log("Wan 1.3B-shape bf16: loading again with a positioned-read reader (what-if, see README)")
+        w = run_worker("worker_comfy", ["--model", "wan1.3b", "--ckpt", big, "--weight-dtype", "bf16",
+                                        "--parts", "load", "--reader", "pread", *pack], work, "wan1.3b_bf16_pread", 900)
+        R["workers"]["wan1.3b_bf16_pread"] = w
+        R["analysis"]["memory_wan1.3b_bf16_pread"] = analyse_memory(w)
     if big and "fp32" not in skip:
         log("Wan 1.3B-shape fp32: sampling variants, switch, RSS, standard-run projection")
         w = run_worker("worker_comfy", ["--model", "wan1.3b", "--ckpt", big, "--parts", "load,sampling,rss,standard",

@@ -58,6 +58,43 @@ def _calls_summary(calls: list) -> dict:
     return out
 
 
+def _use_pread_reader() -> None:
+    """What-if (bench only, labelled in the results): read each tensor with ``os.preadv`` into a fresh tensor
+    instead of through the safetensors mmap, which keeps every page of the file it touched mapped (and
+    counted in RSS) until the reader closes. Same bytes, same conversions; the pack's NaN check is kept."""
+    import torch
+
+    from .comfy_env import pack_module
+
+    sio = pack_module("dcm_core.formats.safetensors_io")
+    orig_get = sio.SafeReader.get
+
+    def get(self, key, dtype=None):
+        e = self.header.entries.get(key)
+        if e is None or sys.byteorder != "little":
+            return orig_get(self, key, dtype)
+        t = torch.empty(e.shape, dtype=e.torch_dtype)
+        if e.nbytes:
+            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                pos, off = 0, self.header.data_offset + e.begin
+                while pos < e.nbytes:
+                    n = os.preadv(fd, [view[pos:]], off + pos)
+                    if n <= 0:
+                        raise OSError(f"short read in {self.path}")
+                    pos += n
+            finally:
+                os.close(fd)
+        if hasattr(sio, "check_finite"):
+            sio.check_finite(t, self.path, key)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    sio.SafeReader.get = get
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("tiny", "wan1.3b"), required=True)
@@ -71,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pack", default=None, help="node pack folder to load instead of this repo (before/after runs)")
     ap.add_argument("--gpu", action="store_true", help="do not pass --cpu to ComfyUI")
     ap.add_argument("--lowvram", action="store_true")
+    ap.add_argument("--reserve-vram", type=float, default=None, help="GB ComfyUI keeps free (emulates a smaller card)")
+    ap.add_argument("--variants", default=None, help="comma list of dual-expert variants (default: all)")
+    ap.add_argument("--stock-files", default=None, help="SEMANTIC,DETAIL converted files for the stock-loader chain (wan1.3b)")
+    ap.add_argument("--reader", choices=("pack", "pread"), default="pack",
+                    help="what-if: 'pread' swaps the pack's safetensors reader (mmap) for plain positioned reads")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     parts = set(a.parts.split(","))
@@ -83,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                  "pack": os.path.realpath(a.pack) if a.pack else None}
     mon = rss.Monitor().__enter__()
     t0 = time.perf_counter()
-    h = boot(pack=a.pack, cpu=not a.gpu, lowvram=a.lowvram, threads=a.threads)
+    h = boot(pack=a.pack, cpu=not a.gpu, lowvram=a.lowvram, reserve_vram=a.reserve_vram, threads=a.threads)
     import comfy.model_management as mm
     import comfy.utils
     import torch
@@ -91,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     import nodes
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
+    cuda = a.gpu and torch.cuda.is_available()
+    if cuda:
+        res["gpu"] = {"name": torch.cuda.get_device_name(), "total_vram": torch.cuda.get_device_properties(0).total_memory,
+                      "vram_state": str(mm.vram_state), "extra_reserved": mm.extra_reserved_memory()}
     res["boot_s"] = time.perf_counter() - t0
     rss.trim()
     res["rss_after_boot"] = rss.read_status()
@@ -112,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ckpt = h.link_model("diffusion_models", Path(a.ckpt))
         latent = Latent(64, 64, 1)  # 1×16×1×8×8
+        if a.stock_files:
+            sem_f, det_f = a.stock_files.split(",")
+            stock_files = (h.link_model("diffusion_models", Path(sem_f)), h.link_model("loras", Path(det_f)))
+    if a.reader == "pread":
+        _use_pread_reader()
     if a.latent:
         w, hh, ln = (int(x) for x in a.latent.lower().split("x"))
         latent = Latent(w, hh, ln)
@@ -124,9 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         the same state and pays for leaving the shared weights as it found them: a stock chain leaves the
         detail clone loaded, which the next run's semantic load would otherwise pay for)."""
         calls_log.clear()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         c0 = time.process_time()
         wall = h.run(prompt)
         out = {"wall": wall, "cpu": time.process_time() - c0, "calls": _calls_summary(list(calls_log))}
+        if cuda:
+            out["vram_peak_allocated"] = torch.cuda.max_memory_allocated()
+            out["vram_peak_reserved"] = torch.cuda.max_memory_reserved()
         if reset:
             t1, c1 = time.perf_counter(), time.process_time()
             mm.unload_all_models()
@@ -150,26 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         "expert_bytes": expert_bytes, "detail_weight_patches": sinks["detail"]["patches"],
         "file_bytes": os.path.getsize(os.path.realpath(h.model_dir("diffusion_models") / ckpt)),
     }
-    if a.gpu:
-        res["load"]["vram_after"] = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    if cuda:
+        res["load"]["vram_after"] = torch.cuda.memory_allocated()
 
     outs: dict = {}
     if parts & {"sampling", "rss"}:
         rss.trim()
-        if a.gpu and torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
         with mon.phase() as ph:
             first = run(g.dcm_sampler(0))
         res["rss_run"] = {"first_run": first, "rss": ph}
-        if a.gpu and torch.cuda.is_available():
-            res["rss_run"]["vram_peak"] = torch.cuda.max_memory_allocated()
-            res["rss_run"]["vram_reserved_peak"] = torch.cuda.max_memory_reserved()
 
     if "sampling" in parts:
         rounds = []
-        variants = list(DUAL_VARIANTS) + (["stock_loaders_chain"] if "stock_loaders" in parts else [])
+        variants = list(DUAL_VARIANTS) if not a.variants else a.variants.split(",")
+        variants += ["stock_loaders_chain"] if "stock_loaders" in parts else []
         if "stock_loaders" in parts:
-            run(g.stock_loaders_chain(0))  # warm-up: loads the stock models once
+            h.run(g.stock_load_only())  # load the stock models once, outside the timed runs
         mm.unload_all_models()
         for r in range(a.rounds):
             seed = 1000 + r
@@ -178,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             for v in order:
                 rec["runs"][v] = run(getattr(g, v)(seed), reset=True)
                 outs[v] = store[v].clone()
-            ref = outs["dcm_sampler"]
-            rec["max_abs_diff_vs_dcm_sampler"] = {v: float((outs[v] - ref).abs().max()) for v in outs if v != "dcm_sampler"}
+            ref = outs.get("dcm_sampler")
+            rec["max_abs_diff_vs_dcm_sampler"] = {} if ref is None else {
+                v: float((outs[v].to(ref.device) - ref).abs().max()) for v in outs if v != "dcm_sampler"}
             rounds.append(rec)
         res["rounds"] = rounds
 

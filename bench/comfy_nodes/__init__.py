@@ -58,8 +58,13 @@ class DCMBenchCallTimer(io.ComfyNode):
         clock, cpu = time.perf_counter, time.process_time
 
         def timed(executor, x, timestep, *args, **kwargs):
+            cuda = x.is_cuda
+            if cuda:  # GPU work is asynchronous: time the call's kernels, not their launch
+                torch.cuda.synchronize(x.device)
             t0, c0 = clock(), cpu()
             out = executor(x, timestep, *args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize(x.device)
             calls.append((tag, t0, clock(), c0, cpu(), int(x.shape[0]), float(timestep.flatten()[0])))
             return out
 
