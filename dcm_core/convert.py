@@ -41,6 +41,7 @@ from .formats.safetensors_io import (
     SafeReader,
     StreamingWriter,
     TensorEntry,
+    check_finite,
     dtype_name,
     parse_dtype,
     read_header,
@@ -131,7 +132,7 @@ def export_official_state_dict(
         )
 
     def get(k: str) -> torch.Tensor:
-        return sd[k].detach().to("cpu")
+        return check_finite(sd[k].detach().to("cpu"), f"state dict {name}", k)
 
     return _write_pair(header, get, info, out_dir, _check_name(name), dtype, progress, source=name)
 

@@ -249,6 +249,19 @@ def resolve_alpha(path: str, meta: Mapping[str, str], rank: int) -> tuple[float,
     return DEFAULT_LORA_ALPHA, ALPHA_DEFAULT_SOURCE
 
 
+def require_float(header: Header, what: str) -> None:
+    """Every tensor of a model / expert file must be a float tensor: an integer or bool weight means a
+    damaged or edited header (it would otherwise be cast to garbage weights without a word)."""
+    bad = [(k, e.dtype) for k, e in header.entries.items() if e.dtype not in FLOAT_ST_DTYPES]
+    if bad:
+        shown = ", ".join(f"{k!r} ({dt})" for k, dt in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise DCMFormatError(
+            f"{header.path}: {what} must hold float tensors only, but {shown} "
+            f"{'is' if len(bad) == 1 else 'are'} not float. The file is damaged or its header was edited; "
+            f"re-download or re-convert it."
+        )
+
+
 def looks_official(keys: list[str]) -> bool:
     has_base = any(".base_layer." in k for k in keys)
     has_lora = any(_PEFT_LORA_RX.match(k) for k in keys)
@@ -258,6 +271,7 @@ def looks_official(keys: list[str]) -> bool:
 def parse_official(header: Header) -> OfficialLayout:
     """Parse and validate the official DCM layout (raises DCMFormatError on inconsistencies)."""
     p = header.path
+    require_float(header, "an official DCM checkpoint")
     keys = list(header.entries)
     prefix = _strip_common(keys, ("transformer.",))
     shapes = {k[len(prefix) :]: header.entries[k].shape for k in keys}
@@ -296,6 +310,26 @@ def parse_official(header: Header) -> OfficialLayout:
                     f"and a plain copy of one layer. Re-export it from the model."
                 )
             base[nk] = fkey[k]
+    wrapped = sorted(k[: -len(".base_layer.weight")] for k in shapes if k.endswith(".base_layer.weight"))
+    unpaired = [w for w in wrapped if w not in lora_parts]
+    if unpaired and lora_parts:
+        raise DCMFormatError(
+            f"{p}: {len(unpaired)} PEFT-wrapped layer(s) have no LoRA tensors: "
+            + ", ".join(repr(w) for w in unpaired[:6])
+            + (f" and {len(unpaired) - 6} more" if len(unpaired) > 6 else "")
+            + ". The file is incomplete; re-download it."
+        )
+    for bmod, xmod in EXPERT_MODULES[family].items():
+        copied = {bk for bk in extras.values() if bk.startswith(bmod + ".")}
+        if copied:
+            lacking = sorted(k for k in base if k.startswith(bmod + ".") and k not in copied)
+            if lacking:
+                raise DCMFormatError(
+                    f"{p}: the detail expert's copy of {bmod!r} ({xmod!r}) lacks "
+                    + ", ".join(repr(xmod + k[len(bmod) :]) for k in lacking[:6])
+                    + (f" and {len(lacking) - 6} more" if len(lacking) > 6 else "")
+                    + ". The file is incomplete; re-download it."
+                )
     if len(adapters) != 1:
         raise DCMFormatError(
             f"{p}: expected one PEFT adapter (the official file uses 'lora1'), found {sorted(adapters)}. "
@@ -393,6 +427,7 @@ def _native_info(header: Header) -> FileInfo:
         raise DCMFormatError(f"{p}: metadata dcm.dims is not a JSON object; the file was edited.") from None
     rank = _meta_float(p, meta, "dcm.lora_rank")
     kind = KIND_SEMANTIC if role == ROLE_SEMANTIC else KIND_DETAIL
+    require_float(header, "a DCM semantic expert" if kind == KIND_SEMANTIC else "a DCM detail expert")
     if kind == KIND_SEMANTIC:
         bare = km.strip_prefix(header.shapes)
         actual = km.detect_family_comfy(bare)
@@ -402,8 +437,15 @@ def _native_info(header: Header) -> FileInfo:
                 f"{'a ' + km.family_label(actual) + ' model' if actual else 'not a ComfyUI diffusion model'}. "
                 f"The file was edited or mislabelled; re-run the converter."
             )
+        actual_dims = km.check_complete(family, bare, where=p)
+        lie = [k for k in ("dim", "num_layers", "num_single_layers", "num_refiner_layers") if k in dims and dims[k] != actual_dims.get(k)]
+        if lie:
+            raise DCMFormatError(
+                f"{p}: metadata dcm.dims says {', '.join(f'{k}={dims[k]}' for k in lie)} but the tensors are "
+                f"{km.size_label(family, actual_dims)}. The file is incomplete or was edited; re-run the converter."
+            )
         if not dims:
-            dims = km.dims_from_comfy_shapes(family, bare)
+            dims = actual_dims
     return FileInfo(
         path=p,
         kind=kind,
@@ -443,7 +485,7 @@ def info_from_header(header: Header) -> FileInfo:
     if looks_official(keys):
         lay = parse_official(header)
         comfy_shapes = {op.out: op.shape for op in km.diffusers_to_comfy_plan(lay.family, lay.base_shapes, where=p)}
-        dims = km.dims_from_comfy_shapes(lay.family, comfy_shapes)
+        dims = km.check_complete(lay.family, comfy_shapes, where=p)
         return FileInfo(
             kind=KIND_OFFICIAL,
             family=lay.family,

@@ -51,6 +51,32 @@ COMFY_PREFIX = "diffusion_model."
 RAW_PARAM_SUFFIXES = (".modulation", ".emb_pos", ".scale")
 _PATCH_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha", ".diff_b", ".diff")
 
+#: ComfyUI stems the detail expert's LoRA patches: every attention projection the official PEFT
+#: adapter wraps (to_q / to_k / to_v / to_out.0), fused the way ComfyUI fuses them.
+LORA_STEM_TEMPLATES: dict[str, tuple[str, ...]] = {
+    FAMILY_WAN: tuple(f"blocks.{{n}}.{a}.{x}" for a in ("self_attn", "cross_attn") for x in "qkvo"),
+    FAMILY_HUNYUAN: (
+        "double_blocks.{n}.img_attn.qkv",
+        "double_blocks.{n}.img_attn.proj",
+        "single_blocks.{s}.linear1",
+        "txt_in.individual_token_refiner.blocks.{r}.self_attn.qkv",
+        "txt_in.individual_token_refiner.blocks.{r}.self_attn.proj",
+    ),
+}
+#: ComfyUI key prefixes of the layers the detail expert replaces (the official ``*_lora`` modules):
+#: each module's diffs are present completely or not at all.
+DIFF_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    FAMILY_WAN: {
+        "condition_embedder": ("time_embedding.", "text_embedding.", "time_projection.", "img_emb."),
+        "proj_out": ("head.head.",),
+    },
+    FAMILY_HUNYUAN: {
+        "time_text_embed": ("time_in.", "vector_in.", "guidance_in."),
+        "norm_out": ("final_layer.adaLN_modulation.",),
+        "proj_out": ("final_layer.linear.",),
+    },
+}
+
 
 @dataclass
 class DetailExpert:
@@ -179,7 +205,7 @@ def plan_official(header: Header, layout: OfficialLayout | None = None) -> Exper
             )
             log.warning("%s: %s", p, msg)
             lay.notes.append(msg)
-    dims = km.dims_from_comfy_shapes(lay.family, {op.out: op.shape for op in sem})
+    dims = km.dims_from_comfy_shapes(lay.family, {op.out: op.shape for op in sem}, where=p)
     return ExpertPlan(layout=lay, semantic=sem_file, detail=detail, dims=dims)
 
 
@@ -319,8 +345,60 @@ def targets_of(patches: Iterable[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def validate_patches(path: str, patches: Mapping[str, tuple[int, ...]]) -> None:
-    """Structural checks of a native detail file: prefixes, complete LoRA pairs, A/B rank agreement."""
+def _diff_key(model_key: str) -> str:
+    if model_key.endswith(".weight"):
+        return model_key[: -len(".weight")] + ".diff"
+    if model_key.endswith(".bias"):
+        return model_key[: -len(".bias")] + ".diff_b"
+    return model_key + ".diff"
+
+
+def _check_complete_detail(path: str, stems: Mapping[str, Mapping[str, tuple]], family: str, dims: Mapping) -> None:
+    """The detail expert patches every attention projection of its model and copies each replaced
+    module completely (a partial file would load as a silently different expert)."""
+    counts = km.block_counts(family, dims)
+    if counts is None or family not in LORA_STEM_TEMPLATES:
+        return  # no block counts recorded: nothing to compare with
+    label = km.size_label(family, dims)
+    want = km.expand_templates(LORA_STEM_TEMPLATES[family], counts)
+    have = {s[len(COMFY_PREFIX) :] for s, parts in stems.items() if ".lora_A.weight" in parts}
+    missing, extra = sorted(want - have), sorted(have - want)
+    if missing:
+        raise DCMFormatError(
+            f"{path}: the detail expert has no LoRA for {len(missing)} attention layer(s) of its {label}: "
+            f"{km.shown_keys(missing)}. The file is incomplete; re-download or re-convert it."
+        )
+    if extra:
+        raise DCMFormatError(
+            f"{path}: LoRA for {km.shown_keys(extra)}, which {'is' if len(extra) == 1 else 'are'} not an attention layer of "
+            f"a {label}. The file is damaged or its metadata (dcm.dims) was edited."
+        )
+    model_keys = km.expected_comfy_keys(family, dims)
+    diffs = {s[len(COMFY_PREFIX) :] + suf for s, parts in stems.items() for suf in parts if suf in (".diff", ".diff_b")}
+    allowed: set[str] = set()
+    for module, prefixes in DIFF_GROUPS[family].items():
+        group = {_diff_key(k) for k in model_keys if k.startswith(prefixes)}
+        allowed |= group
+        present = diffs & group
+        if present and present != group:
+            lacking = sorted(group - present)
+            raise DCMFormatError(
+                f"{path}: the detail expert's copy of {module!r} is partial: {km.shown_keys(lacking)} "
+                f"{'is' if len(lacking) == 1 else 'are'} missing. The file is incomplete; re-download or re-convert it."
+            )
+    stray = sorted(diffs - allowed)
+    if stray:
+        raise DCMFormatError(
+            f"{path}: {km.shown_keys(stray)} {'is' if len(stray) == 1 else 'are'} not a layer the DCM detail expert replaces "
+            f"in a {label}. The file is damaged or was edited."
+        )
+
+
+def validate_patches(
+    path: str, patches: Mapping[str, tuple[int, ...]], family: str | None = None, dims: Mapping | None = None
+) -> None:
+    """Structural checks of a native detail file: prefixes, complete LoRA pairs, A/B rank agreement and,
+    when ``family`` and ``dims`` are given, that every attention layer / replaced module is covered."""
     stems: dict[str, dict[str, tuple[int, ...]]] = {}
     for k, shp in patches.items():
         if not k.startswith(COMFY_PREFIX):
@@ -343,6 +421,8 @@ def validate_patches(path: str, patches: Mapping[str, tuple[int, ...]]) -> None:
                 )
         if ".alpha" in parts and parts[".alpha"] not in ((), (1,)):
             raise DCMFormatError(f"{path}: {stem}.alpha must be a scalar, got shape {parts['.alpha']}.")
+    if family and dims:
+        _check_complete_detail(path, stems, family, dims)
 
 
 # --------------------------------------------------------------------------- loading
@@ -362,7 +442,7 @@ def load_detail_expert(path: str | os.PathLike, *, dtype: torch.dtype | None = N
     info = info_from_header(header)
     if info.kind != KIND_DETAIL:
         raise _wrong_kind(info, "a DCM detail expert (*_detail_expert.safetensors)")
-    validate_patches(header.path, header.shapes)
+    validate_patches(header.path, header.shapes, info.family, info.dims)
     det_dt = None if dtype is None else detail_out_dtype(torch.float32, dtype)
     patches: dict[str, torch.Tensor] = {}
     with SafeReader(header.path, header) as r:
@@ -406,7 +486,7 @@ def load_semantic(path: str | os.PathLike, *, dtype: torch.dtype | None = None) 
             t = r.get(k)
             out = semantic_out_dtype(t.dtype, dtype, k, t.ndim) if t.is_floating_point() else t.dtype
             sd[k] = t.to(out) if t.dtype != out else t
-    km.dims_from_comfy_shapes(info.family, {k: tuple(v.shape) for k, v in sd.items()})
+    km.dims_from_comfy_shapes(info.family, {k: tuple(v.shape) for k, v in sd.items()}, where=header.path)
     return info, km.strip_prefix(sd)
 
 
@@ -532,7 +612,8 @@ def check_compatible(detail: DetailExpert, model_shapes: Mapping[str, tuple[int,
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise DCMIncompatibleModelError(
             f"{src} patches {len(missing)} layer(s) that {name} does not have: {shown}. The model is a different "
-            f"variant ({km.family_label(fam)} {km.variant_from_dims(fam, mdims) if mdims else ''}) than the expert."
+            f"variant ({km.family_label(fam)}{' ' + km.variant_from_dims(fam, mdims) if mdims else ''}) than the expert, "
+            f"or it is incomplete."
         )
     # shapes
     stems: dict[str, dict[str, tuple[int, ...]]] = {}

@@ -415,8 +415,10 @@ def _count(keys: Iterable[str], prefix: str) -> int:
     return max(idx) + 1 if idx else 0
 
 
-def dims_from_comfy_shapes(family: str, shapes: Mapping[str, Shape]) -> dict:
-    """Architecture numbers from bare ComfyUI keys (what ComfyUI's model detection reads)."""
+def dims_from_comfy_shapes(family: str, shapes: Mapping[str, Shape], *, where: str | None = None) -> dict:
+    """Architecture numbers from bare ComfyUI keys (what ComfyUI's model detection reads).
+
+    ``where`` (a file name) prefixes the error message."""
     s = strip_prefix(shapes)
     g = s.get
     try:
@@ -460,8 +462,124 @@ def dims_from_comfy_shapes(family: str, shapes: Mapping[str, Shape]) -> dict:
             )
             return d
     except (KeyError, IndexError) as e:
-        raise DCMFormatError(f"cannot read the model dimensions: key {e} is missing or malformed.") from None
+        pre = f"{where}: " if where else ""
+        raise DCMFormatError(
+            f"{pre}cannot read the model dimensions: key {e} is missing or malformed. The file is incomplete or "
+            f"not a {family_label(family)} model."
+        ) from None
     raise DCMFormatError(f"unknown model family {family!r}")
+
+
+# --------------------------------------------------------------------------- completeness
+
+_CR_T = "txt_in.individual_token_refiner.blocks.{r}"
+
+#: Every ComfyUI key of a model, by family and optional part ({n}: block, {s}: single block,
+#: {r}: token-refiner block), as ComfyUI a125cd84's WanModel / HunyuanVideo create them.
+COMFY_KEY_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    FAMILY_WAN: {
+        "core": tuple(
+            [f"{m}.{p}" for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0",
+                                  "time_embedding.2", "time_projection.1", "head.head") for p in ("weight", "bias")]
+            + ["head.modulation", "blocks.{n}.modulation", "blocks.{n}.norm3.weight", "blocks.{n}.norm3.bias"]
+            + [f"blocks.{{n}}.{a}.{x}.{p}" for a in ("self_attn", "cross_attn") for x in "qkvo" for p in ("weight", "bias")]
+            + [f"blocks.{{n}}.{a}.norm_{x}.weight" for a in ("self_attn", "cross_attn") for x in "qk"]
+            + [f"blocks.{{n}}.ffn.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+        ),
+        "i2v": tuple(
+            [f"blocks.{{n}}.cross_attn.{x}_img.{p}" for x in "kv" for p in ("weight", "bias")]
+            + ["blocks.{n}.cross_attn.norm_k_img.weight"]
+            + [f"img_emb.proj.{i}.{p}" for i in (0, 1, 3, 4) for p in ("weight", "bias")]
+        ),
+        "flf": ("img_emb.emb_pos",),
+    },
+    FAMILY_HUNYUAN: {
+        "core": tuple(
+            [f"{m}.{p}" for m in ("img_in.proj", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                                  "vector_in.out_layer", "txt_in.input_embedder", "txt_in.t_embedder.in_layer",
+                                  "txt_in.t_embedder.out_layer", "txt_in.c_embedder.in_layer",
+                                  "txt_in.c_embedder.out_layer", "final_layer.linear",
+                                  "final_layer.adaLN_modulation.1") for p in ("weight", "bias")]
+            + [f"{_CR_T}.{m}.{p}" for m in ("adaLN_modulation.1", "norm1", "self_attn.qkv", "self_attn.proj", "norm2",
+                                            "mlp.0", "mlp.2") for p in ("weight", "bias")]
+            + [f"double_blocks.{{n}}.{x}_{m}.{p}" for x in ("img", "txt")
+               for m in ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2") for p in ("weight", "bias")]
+            + [f"double_blocks.{{n}}.{x}_attn.norm.{q}_norm.scale" for x in ("img", "txt") for q in ("query", "key")]
+            + [f"single_blocks.{{s}}.{m}.{p}" for m in ("linear1", "linear2", "modulation.lin") for p in ("weight", "bias")]
+            + [f"single_blocks.{{s}}.norm.{q}_norm.scale" for q in ("query", "key")]
+        ),
+        "guidance": tuple(f"guidance_in.{m}.{p}" for m in ("in_layer", "out_layer") for p in ("weight", "bias")),
+    },
+}
+
+
+def expand_templates(templates, counts: Mapping[str, int]) -> set[str]:
+    """Templates with ``{n}`` / ``{s}`` / ``{r}`` expanded over ``range(counts[var])``."""
+    out: set[str] = set()
+    for t in templates:
+        keys = [t]
+        for var, n in counts.items():
+            tok = "{" + var + "}"
+            if tok in t:
+                keys = [k.replace(tok, str(i)) for k in keys for i in range(int(n))]
+        out.update(keys)
+    return out
+
+
+def block_counts(family: str, dims: Mapping) -> dict[str, int] | None:
+    """``{n, s, r}`` block counts from dims (None if dims does not hold them)."""
+    try:
+        if family == FAMILY_WAN:
+            return {"n": int(dims["num_layers"])}
+        return {"n": int(dims["num_layers"]), "s": int(dims["num_single_layers"]), "r": int(dims["num_refiner_layers"])}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def expected_comfy_keys(family: str, dims: Mapping) -> set[str]:
+    """Every ComfyUI key a model with these dims has (optional parts from dims: Wan I2V / FLF, HY guidance)."""
+    _check_family(family)
+    tpl = COMFY_KEY_TEMPLATES[family]
+    parts = ["core"]
+    if family == FAMILY_WAN:
+        if dims.get("image_dim"):
+            parts.append("i2v")
+        if dims.get("flf_pos_tokens"):
+            parts.append("flf")
+    elif dims.get("guidance_embeds"):
+        parts.append("guidance")
+    counts = block_counts(family, dims)
+    if counts is None:
+        raise DCMFormatError(f"model dims {dict(dims)} lack the block counts")
+    return expand_templates([t for p in parts for t in tpl[p]], counts)
+
+
+def shown_keys(keys: list[str], n: int = 6) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_complete(family: str, shapes: Mapping[str, Shape], *, where: str) -> dict:
+    """Dims of a bare ComfyUI state dict that holds *exactly* the keys of its architecture.
+
+    A missing weight would be left uninitialised by ComfyUI's (non-strict) load, and an unknown key
+    silently ignored; both mean a damaged or edited file, so both raise :class:`DCMFormatError`."""
+    s = strip_prefix(shapes)
+    dims = dims_from_comfy_shapes(family, s, where=where)
+    want = expected_comfy_keys(family, dims)
+    have = set(s)
+    missing, unknown = sorted(want - have), sorted(have - want)
+    label = size_label(family, dims)
+    if missing:
+        raise DCMFormatError(
+            f"{where}: {len(missing)} weight(s) of a {label} are missing: {shown_keys(missing)}. The file is "
+            f"incomplete (an interrupted download or an edited file); re-download or re-convert it."
+        )
+    if unknown:
+        raise DCMFormatError(
+            f"{where}: {len(unknown)} key(s) are not part of a {label}: {shown_keys(unknown)}. The file is damaged or "
+            f"was edited; re-download or re-convert it."
+        )
+    return dims
 
 
 def variant_from_dims(family: str, dims: Mapping) -> str:

@@ -6,6 +6,11 @@ checked against the real file size. Pickle / zip / GGUF files are recognised by 
 bytes and refused (they are never unpickled). Tensors are then streamed one at a time with
 an optional per-tensor dtype conversion.
 
+NaN / Inf: every float tensor read through :class:`SafeReader` is checked; a tensor holding NaN or
+±Inf is refused with a :class:`DCMFormatError` naming the file and the tensor (an expert with
+corrupted weights never loads, and the converter never writes one). ``inspect`` reads the header
+only and does not look at the values.
+
 Writing: :class:`StreamingWriter` computes the header from a *plan* (names, shapes, dtypes)
 and then receives the tensors one by one, so peak memory is one tensor, not the model. Every
 write goes to a temporary file in the destination folder, is fsync'ed and renamed into place;
@@ -306,10 +311,34 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
 # --------------------------------------------------------------------------- reader
 
 
+def count_nonfinite(t: torch.Tensor) -> int:
+    """Number of NaN / ±Inf values of a float tensor (0 for other dtypes)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    if t.element_size() == 1:  # fp8: isfinite is not implemented for every fp8 dtype
+        t = t.to(torch.float16)
+    finite = torch.isfinite(t)
+    if bool(finite.all()):
+        return 0
+    return int(finite.numel() - int(finite.sum()))
+
+
+def check_finite(t: torch.Tensor, where: str, key: str) -> torch.Tensor:
+    """Return ``t``; raise :class:`DCMFormatError` if it holds NaN / Inf."""
+    bad = count_nonfinite(t)
+    if bad:
+        raise DCMFormatError(
+            f"{where}: tensor {key!r} holds {bad} NaN/Inf value(s) of {t.numel()}. The weights are corrupted (a "
+            f"diverged training run or a damaged file); DCM refuses to use them. Re-download or re-export the model."
+        )
+    return t
+
+
 class SafeReader:
     """Stream tensors from a validated safetensors file (one tensor in memory at a time).
 
     Use as a context manager; :meth:`get` returns a fresh tensor, optionally converted to ``dtype``.
+    A float tensor holding NaN / Inf is refused (:func:`check_finite`).
     """
 
     def __init__(self, path: str | os.PathLike, header: Header | None = None):
@@ -349,6 +378,7 @@ class SafeReader:
             t = self._f.get_tensor(key)
         except Exception as e:
             raise DCMFormatError(f"{self.path}: cannot read tensor {key!r} ({e}); the file is damaged.") from e
+        check_finite(t, self.path, key)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         return t
