@@ -63,6 +63,16 @@ def _tier_of(item) -> str:
     return parts[0] if len(parts) > 1 else "unit"
 
 
+def pytest_addoption(parser):
+    # The reliability suite (tests/*/reliability) reads this; DCM_RELIABILITY_FULL=1 does the same.
+    parser.addoption(
+        "--reliability-full",
+        action="store_true",
+        default=False,
+        help="reliability suite: run the large generated-case counts (make reliability)",
+    )
+
+
 def _browser_status() -> tuple[bool, str]:
     """Debian chromium + npm playwright-core, installed by tools/browser_setup.sh when missing."""
     chromium, node_path = os.environ.get("DCM_CHROMIUM", ""), os.environ.get("DCM_PLAYWRIGHT_NODE_PATH", "")
