@@ -15,6 +15,7 @@ class DCMExtension(ComfyExtension):
         from .loader_nodes import DCMCheckpointLoader, DCMExpertLoraLoader
         from .sampler_nodes import DCMDualExpertGuider, DCMDualExpertSampler
         from .schedule_nodes import DCMSchedule, DCMTimestepSplit
+        from .toy_nodes import DCMToyDecode, DCMToyTextEncode
 
         return [
             DCMCheckpointLoader,
@@ -23,4 +24,6 @@ class DCMExtension(ComfyExtension):
             DCMTimestepSplit,
             DCMDualExpertSampler,
             DCMDualExpertGuider,
+            DCMToyTextEncode,
+            DCMToyDecode,
         ]

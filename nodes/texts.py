@@ -122,3 +122,23 @@ GUIDER_DESC = (
     "DCM Schedule. " + NO_STEPS_NOTE
 )
 GUIDER_OUT = "The dual-expert guider, for SamplerCustomAdvanced."
+
+# --------------------------------------------------------------------------- toy world (no downloads)
+
+CATEGORY_TOY = "sampling/DCM/toy world"
+TOY_TEXT_NAME = "DCM Toy Text Encode"
+TOY_TEXT_DESC = (
+    "Text encoder of the pack's built-in toy world (no download needed): turns a prompt such as "
+    "'red circle moving right' into conditioning for the bundled toy DCM experts (dcm_toy_wan.safetensors). "
+    "Vocabulary: colours red, green, blue, yellow, white, magenta; shapes circle, square, diamond; motions moving "
+    "left/right/up/down, bouncing, growing, shrinking. An empty prompt gives the unconditional embedding."
+)
+TOY_PROMPT = "'<colour> <shape> <motion>', e.g. 'blue square moving up'. Leave empty for the unconditional (negative) embedding."
+TOY_CONDITIONING_OUT = "Conditioning for the toy DCM experts (8 tokens × 4096, like Wan's text width)."
+TOY_DECODE_NAME = "DCM Toy Decode"
+TOY_DECODE_DESC = (
+    "Decoder of the toy world: maps a toy latent (16 channels, 2×2 pixels per latent cell, one latent frame per "
+    "video frame) back to RGB frames with the world's fixed linear map. Use it instead of a VAE for the toy experts."
+)
+TOY_SAMPLES = "A latent sampled with the toy DCM experts (make it with EmptyHunyuanLatentVideo 96×96, length 21)."
+TOY_IMAGES_OUT = "The video frames (batch × frames images), ready for Save Animated WEBP / Preview Image."

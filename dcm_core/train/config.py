@@ -392,8 +392,14 @@ def validate(cfg: TrainConfig) -> None:
     g = cfg.schedule.grid_steps
     if g < 2 or 1000 % g:
         bad("schedule.grid_steps", g, "must divide 1000 (official 50).")
-    if cfg.schedule.k0 is not None and not (1 <= cfg.schedule.k0 <= g - 1):
-        bad("schedule.k0", cfg.schedule.k0, f"must lie in [1, {g - 1}] (Wan 35, HunyuanVideo 38) so both stages get indices.")
+    k0_min = 0 if cfg.stage == STAGE_SEMANTIC else 1
+    if cfg.schedule.k0 is not None and not (k0_min <= cfg.schedule.k0 <= g - 1):
+        bad(
+            "schedule.k0",
+            cfg.schedule.k0,
+            f"must lie in [{k0_min}, {g - 1}] (Wan 35, HunyuanVideo 38) so the stage gets grid indices "
+            f"(0 is allowed for the semantic stage only: a single-expert consistency model over the whole trajectory).",
+        )
     if cfg.schedule.shift <= 0:
         bad("schedule.shift", cfg.schedule.shift, "must be > 0 (official 17).")
     if cfg.guidance.cfg_scale is not None and cfg.guidance.cfg_scale < 0:

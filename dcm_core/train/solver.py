@@ -73,8 +73,9 @@ class PCMSolver:
         if stage not in (STAGE_SEMANTIC, STAGE_DETAIL):
             raise ValueError(f"stage must be 'semantic' or 'detail', got {stage!r}")
         grid = pcm_grid(shift, steps)
-        if not 1 <= k0 <= grid.num_steps - 1:
-            raise ValueError(f"k0={k0} must lie in [1, {grid.num_steps - 1}]")
+        k0_min = 0 if stage == STAGE_SEMANTIC else 1  # k0 = 0: one phase over the whole trajectory
+        if not k0_min <= k0 <= grid.num_steps - 1:
+            raise ValueError(f"k0={k0} must lie in [{k0_min}, {grid.num_steps - 1}] for the {stage} stage")
         self.stage = stage
         self.k0 = int(k0)
         self.grid = grid

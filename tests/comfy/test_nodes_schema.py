@@ -21,6 +21,8 @@ EXPECTED = {
         ["semantic_model", "detail_model", "positive", "negative", "boundary_timestep", "cfg_semantic", "cfg_detail"],
         ["guider"],
     ),
+    "DCMToyTextEncode": (["prompt"], ["conditioning"]),
+    "DCMToyDecode": (["samples"], ["images"]),
 }
 
 
@@ -48,7 +50,7 @@ def test_schema_contract_and_tooltips(comfy, node_id):
     schema.validate()
     assert schema.node_id == node_id and node_id.startswith("DCM")
     assert schema.description, f"{node_id} has no description"
-    assert schema.category in ("sampling/DCM", "loaders/DCM")
+    assert schema.category in ("sampling/DCM", "loaders/DCM", "sampling/DCM/toy world")
     inputs, outputs = EXPECTED[node_id]
     assert [i.id for i in schema.inputs] == inputs
     assert [o.display_name for o in schema.outputs] == outputs

@@ -1,0 +1,212 @@
+"""``make toy-models`` / ``python -m dcm_core.toy.build``: rebuild the bundled toy models from scratch.
+
+Pipeline (every stage is project code; the DCM stages go through the real trainer CLI,
+``python -m dcm_core train``, exactly as a user would run it):
+
+1. teacher      — flow matching on clips drawn from the toy world (:mod:`dcm_core.toy.teacher`);
+2. dataset      — ``--clips`` clips written in the trainer's latent-dataset format (raw-latent
+                  convention: ``latents.from_model_space``, so the trainer's normalisation
+                  gives back the toy latent);
+3. semantic     — ``train --stage semantic`` (k ∈ 35..49 → σ_prev[35], pseudo-Huber + TC);
+4. detail       — ``train --stage detail`` on the semantic expert (LoRA + own embedder/head,
+                  consistency + hinge GAN + feature matching on teacher features);
+5. baseline     — a single-expert consistency model: ``train --stage semantic schedule.k0=0``
+                  (one phase over the whole trajectory, the paper's "VCM" variant);
+6. ablations    — (``--ablations``) DCM without the TC loss, DCM without GAN/FM;
+7. bundle       — copy teacher / DCM / baseline weights into ``dcm_core/toy/weights`` with a
+                  manifest (commands, configs, seeds, wall times, sha256, versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..latents import from_model_space
+from ..schedule import FAMILY_WAN
+from . import models as M
+from . import teacher as T
+from . import world
+
+log = logging.getLogger("DCM.toy")
+
+#: Trainer overrides shared by every toy distillation run (the toy world, not the 1.3B recipe).
+COMMON = [
+    "mixed_precision=no",
+    "guidance.cfg_scale=0",  # the toy teacher is sampled without CFG; the student follows the plain ODE
+    "data.caption_dropout=0",
+    "data.batch_size=8",
+    "checkpoint.every_steps=200",
+    "checkpoint.keep=1",
+    "logging.progress_bar=true",
+    "export.dtype=fp32",
+]
+SEMANTIC = ["optim.lr=1e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20"]
+DETAIL = ["optim.lr=2e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20",
+          "model.lora_rank=32", "model.lora_alpha=64", "disc.inner_channels=64", "disc.lr=1e-4"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_dataset(root: Path, clips: int, seed: int) -> Path:
+    from ..train.data import write_latent_dataset
+
+    rng = np.random.default_rng(seed)
+    prompts = world.all_prompts()
+    items = []
+    for i in range(clips):
+        p = prompts[i % len(prompts)]
+        clip = world.make_clip(p, int(rng.integers(2**62)))
+        items.append({
+            "name": f"clip{i:05d}",
+            "latent": from_model_space(clip.latent[None], FAMILY_WAN)[0],
+            "prompt_embed": world.encode_text(p),
+            "prompt_attention_mask": torch.tensor([1] * len(p.split()) + [0] * (world.TEXT_TOKENS - len(p.split()))),
+            "caption": p,
+        })
+    uncond = (world.encode_text(""), torch.zeros(world.TEXT_TOKENS, dtype=torch.long))
+    return write_latent_dataset(root, items, uncond=uncond)
+
+
+def _train(stage: str, out: Path, overrides: list[str], log_file: Path) -> float:
+    cmd = [sys.executable, "-m", "dcm_core", "train", "--stage", stage, f"output_dir={out}", *overrides]
+    log.info("$ %s", " ".join(cmd))
+    t0 = time.time()
+    with open(log_file, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+    return time.time() - t0
+
+
+def build(work: Path, *, teacher_steps: int, semantic_steps: int, detail_steps: int, clips: int, seed: int,
+          ablations: bool, bundle: bool, weights_dir: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    commands: dict[str, list[str]] = {}
+    t_all = time.time()
+
+    teacher_dir = work / "teacher"
+    if not (teacher_dir / "config.json").exists():
+        t0 = time.time()
+        T.train_teacher(T.TeacherConfig(steps=teacher_steps, seed=seed), out_dir=teacher_dir)
+        times["teacher"] = time.time() - t0
+    data_dir = work / "data"
+    if not (data_dir / "videos2caption.json").exists():
+        t0 = time.time()
+        write_dataset(data_dir, clips, seed)
+        times["dataset"] = time.time() - t0
+
+    base = [f"model.pretrained={teacher_dir}", f"data.path={data_dir}", f"seed={seed}", *COMMON]
+
+    def stage(name: str, st: str, extra: list[str], steps: int) -> Path:
+        out = work / name
+        if not (out / "export" / "export_info.json").exists():
+            ov = base + extra + [f"max_train_steps={steps}"]
+            commands[name] = ["python", "-m", "dcm_core", "train", "--stage", st, f"output_dir={out}", *ov]
+            times[name] = _train(st, out, ov, work / f"{name}.log")
+        return out / "export"
+
+    sem = stage("semantic", "semantic", SEMANTIC, semantic_steps)
+    det = stage("detail", "detail", DETAIL + [f"model.semantic_expert={sem}"], detail_steps)
+    vcm = stage("vcm", "semantic", SEMANTIC + ["schedule.k0=0"], semantic_steps)
+    if ablations:
+        sem_notc = stage("semantic_no_tc", "semantic", SEMANTIC + ["loss.tc_weight=0"], semantic_steps)
+        stage("detail_no_tc", "detail", DETAIL + [f"model.semantic_expert={sem_notc}"], detail_steps)
+        stage("detail_no_gan", "detail", DETAIL + [f"model.semantic_expert={sem}", "loss.adv_weight=0"], detail_steps)
+    times["total"] = time.time() - t_all
+
+    manifest = {
+        "made_by": "python -m dcm_core.toy.build (make toy-models)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
+        "seed": seed,
+        "teacher": {"architecture": T.TOY_WAN, "config": T.TeacherConfig(steps=teacher_steps, seed=seed).__dict__},
+        "world": {"size": world.SIZE, "frames": world.FRAMES, "text_tokens": world.TEXT_TOKENS,
+                  "dataset_clips": clips},
+        "commands": commands,
+        "wall_seconds": {k: round(v, 1) for k, v in times.items()},
+        "files": {},
+    }
+    if bundle:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        tdst = weights_dir / M.TEACHER_DIR
+        tdst.mkdir(exist_ok=True)
+        shutil.copyfile(teacher_dir / "config.json", tdst / "config.json")
+        # Stored in bf16 to keep the bundle small (≈11 MB); the loaders upcast to fp32.
+        _copy_bf16(teacher_dir / "diffusion_pytorch_model.safetensors", tdst / "diffusion_pytorch_model.safetensors")
+        _copy_bf16(det / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.DCM_FILE)
+        _copy_bf16(vcm / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.VCM_FILE)
+        for p in sorted(weights_dir.rglob("*.safetensors")) + [tdst / "config.json"]:
+            manifest["files"][p.relative_to(weights_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        (weights_dir / M.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _copy_bf16(src: Path, dst: Path) -> None:
+    """Re-save a safetensors file with every floating tensor in bf16, metadata kept (atomic)."""
+    from safetensors import safe_open
+
+    from ..formats import save_state_dict
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    meta["dcm.toy.stored_dtype"] = "bf16"
+    save_state_dict(sd, dst, meta)
+    os.chmod(dst, 0o644)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for mod in ("diffusers", "peft", "accelerate"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dcm_core.toy.build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="runs/toy", help="working folder for runs and logs (default runs/toy)")
+    p.add_argument("--teacher-steps", type=int, default=T.TeacherConfig.steps)
+    p.add_argument("--semantic-steps", type=int, default=600)
+    p.add_argument("--detail-steps", type=int, default=600)
+    p.add_argument("--clips", type=int, default=1024, help="clips in the distillation dataset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablations", action="store_true", help="also train the no-TC and no-GAN ablations")
+    p.add_argument("--no-bundle", action="store_true", help="do not copy the results into the bundled weights folder")
+    p.add_argument("--weights-dir", default=str(M.WEIGHTS_DIR))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    m = build(Path(a.work), teacher_steps=a.teacher_steps, semantic_steps=a.semantic_steps,
+              detail_steps=a.detail_steps, clips=a.clips, seed=a.seed, ablations=a.ablations,
+              bundle=not a.no_bundle, weights_dir=Path(a.weights_dir))
+    print(json.dumps(m["wall_seconds"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The bundled toy models and the four ways the demo samples them.
+
+Bundle layout (``dcm_core/toy/weights/``, made by ``make toy-models``)::
+
+    teacher/config.json, teacher/diffusion_pytorch_model.safetensors   the flow-matching teacher
+    dcm_toy_wan.safetensors     DCM experts in the official combined layout (semantic + detail)
+    vcm_toy_wan.safetensors     single-expert consistency baseline (plain diffusers keys)
+    manifest.json               how every file was made (commands, configs, seeds, times, sha256)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import tiny
+from ..errors import DCMFileNotFoundError
+from ..modeling import add_detail_expert, velocity
+from ..sampler import sample_dcm
+from ..schedule import DEFAULT_BOUNDARY_TIMESTEP, FAMILY_WAN, SEMANTIC, inference_pcm_sigmas
+from . import world
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+TEACHER_DIR = "teacher"
+DCM_FILE = "dcm_toy_wan.safetensors"
+VCM_FILE = "vcm_toy_wan.safetensors"
+MANIFEST = "manifest.json"
+BOUNDARY = DEFAULT_BOUNDARY_TIMESTEP[FAMILY_WAN]
+
+
+def teacher_sigmas() -> list[float]:
+    """The teacher's 50-step reference schedule: the 50-point PCM grid (shift 17), then 0."""
+    return inference_pcm_sigmas() + [0.0]
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise DCMFileNotFoundError(
+            f"toy model file {path} is missing. The toy weights ship with the repository; if you deleted them, "
+            f"rebuild them with `make toy-models` (about 30 minutes on 2 cores)."
+        )
+    return path
+
+
+def _read_config(weights_dir: Path) -> dict:
+    cfg = json.loads(_need(weights_dir / TEACHER_DIR / "config.json").read_text())
+    keep = set(tiny.wan_config().keys())
+    out = {k: v for k, v in cfg.items() if k in keep}
+    for k in ("patch_size",):
+        if k in out and isinstance(out[k], list):
+            out[k] = tuple(out[k])
+    return out
+
+
+def load_teacher(weights_dir: str | Path = WEIGHTS_DIR) -> nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    d = Path(weights_dir) / TEACHER_DIR
+    _need(d / "diffusion_pytorch_model.safetensors")
+    return WanTransformer3DModel.from_pretrained(str(d), torch_dtype=torch.float32).float().eval()
+
+
+def _load_sd(path: Path) -> dict[str, torch.Tensor]:
+    from ..formats import load_state_dict
+
+    # The bundle stores bf16 weights; every toy model computes in fp32.
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in load_state_dict(str(_need(path))).items()}
+
+
+def load_dcm(weights_dir: str | Path = WEIGHTS_DIR, file: str = DCM_FILE) -> nn.Module:
+    """The DCM experts as one diffusers model (official layout; use with ``expert_mode``)."""
+    weights_dir = Path(weights_dir)
+    return _load_dcm_at(weights_dir / file, weights_dir)
+
+
+def load_dcm_file(path: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> nn.Module:
+    """A DCM official-layout file with the toy architecture (e.g. an ablation run's export)."""
+    return _load_dcm_at(Path(path), Path(weights_dir))
+
+
+def _load_dcm_at(path: Path, weights_dir: Path) -> nn.Module:
+    from ..formats import inspect_file
+
+    info = inspect_file(str(_need(path)))
+    model = tiny.build_transformer(FAMILY_WAN, _read_config(weights_dir))
+    add_detail_expert(model, rank=int(info.lora_rank), alpha=float(info.lora_alpha))
+    model.load_state_dict(_load_sd(path), strict=True)
+    return model.eval()
+
+
+def load_vcm(weights_dir: str | Path = WEIGHTS_DIR, file: str = VCM_FILE) -> nn.Module:
+    weights_dir = Path(weights_dir)
+    model = tiny.build_transformer(FAMILY_WAN, _read_config(weights_dir))
+    model.load_state_dict(_load_sd(weights_dir / file), strict=True)
+    return model.eval()
+
+
+@dataclass
+class ToyModels:
+    teacher: nn.Module
+    dcm: nn.Module
+    vcm: nn.Module | None
+
+
+def load_bundle(weights_dir: str | Path = WEIGHTS_DIR) -> ToyModels:
+    weights_dir = Path(weights_dir)
+    vcm = load_vcm(weights_dir) if (weights_dir / VCM_FILE).exists() else None
+    return ToyModels(load_teacher(weights_dir), load_dcm(weights_dir), vcm)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def make_noise(seed: int, batch: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(world.latent_shape(batch), generator=g)
+
+
+@torch.no_grad()
+def sample_single(model: nn.Module, noise: torch.Tensor, context: torch.Tensor, sigmas) -> torch.Tensor:
+    """Flow-Euler over ``sigmas`` with one model (teacher or single-expert baseline)."""
+    return sample_dcm(lambda x, s, e: velocity(model, x, s, context, SEMANTIC), noise, sigmas, BOUNDARY)
+
+
+@torch.no_grad()
+def sample_experts(model: nn.Module, noise: torch.Tensor, context: torch.Tensor, sigmas,
+                   boundary: float = BOUNDARY) -> torch.Tensor:
+    """DCM: each step routed to the semantic or the detail expert by the boundary rule."""
+    return sample_dcm(lambda x, s, e: velocity(model, x, s, context, e), noise, sigmas, boundary)
