@@ -42,7 +42,7 @@ bench: venv
 	$(PY) -m bench.run
 
 reliability: venv
-	$(PY) -m pytest tests/unit/reliability tests/comfy/reliability -p no:randomly -q -s -o addopts="--import-mode=importlib -p no:cacheprovider" --reliability-full
+	$(PY) -m pytest tests/unit/reliability tests/comfy/reliability -p no:randomly -q -o addopts="--import-mode=importlib -p no:cacheprovider" --reliability-full $(PYTEST_ARGS)
 
 toy-models: venv
 	$(PY) -m dcm_core.toy.build

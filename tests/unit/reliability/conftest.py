@@ -25,7 +25,7 @@ def pytest_configure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    rel_registry.begin_test()
+    rel_registry.begin_test(xfail=item.get_closest_marker("xfail") is not None)
     outcome = yield
     rel_registry.end_test(outcome.excinfo is not None)
 

@@ -122,3 +122,60 @@ def test_cli_refuses_hostile_file(world, marker, tmp_path, capsys, command, name
         assert sorted(os.listdir(src_dir)) == [src.name], "files appeared next to the input"
         assert not out.exists() or os.listdir(out) == [], f"convert left {os.listdir(out)} (partial / temporary files)"
         assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- disk full while converting
+
+
+def _mountable() -> bool:
+    if os.geteuid() != 0:
+        return False
+    probe = H.ROOT / "tests" / "_output" / f".mount_probe_{os.getpid()}"
+    probe.mkdir(parents=True, exist_ok=True)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)], capture_output=True)
+        if r.returncode == 0:
+            subprocess.run(["umount", str(probe)], capture_output=True)
+        return r.returncode == 0
+    except OSError:
+        return False
+    finally:
+        probe.rmdir()
+
+
+@pytest.mark.parametrize("fraction", [0.3] + ([0.0, 0.05, 0.5, 0.7, 0.95] if R.FULL else []))
+def test_convert_on_a_full_disk(world, tmp_path, capsys, monkeypatch, fraction):
+    """convert onto a disk that fills up part-way: exit 2 with a message (no traceback), nothing left."""
+    src = world.seed("official_wan").path
+    need = 2 * len(world.seed("official_wan").blob) // 4  # bf16 output ~ half the fp32 source, both files
+    out = tmp_path / "vol"
+    out.mkdir()
+    mounted = _mountable()
+    with R.case(CAT, "convert onto a full disk" + (" (tmpfs)" if mounted else " (injected ENOSPC)")):
+        if mounted:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={max(4096, int(fraction * need))}", "tmpfs", str(out)], check=True)
+        else:
+            import errno
+
+            from dcm_core.formats import safetensors_io as sio
+
+            budget = {"left": int(fraction * need)}
+            real = sio._tensor_bytes
+
+            def tensor_bytes(t):
+                mv = real(t)
+                budget["left"] -= mv.nbytes
+                if budget["left"] < 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return mv
+
+            monkeypatch.setattr(sio, "_tensor_bytes", tensor_bytes)
+        try:
+            code, stdout, stderr = _run_inprocess(["convert", src, "--out-dir", out, "--no-progress"], capsys)
+            listing = sorted(os.listdir(out))
+        finally:
+            if mounted:
+                subprocess.run(["umount", "-l", str(out)], check=False)
+        assert code == 2, (code, stdout, stderr)
+        assert stderr.startswith("error: ") and "No space left on device" in stderr and "Traceback" not in stderr, stderr
+        assert listing == [], f"a full disk left {listing}"
