@@ -23,6 +23,12 @@ Each hook also checks ``model.current_weight_patches_uuid`` against the patcher 
 so hooks that outlive their patcher (a clone garbage-collected while loaded) can never leak the
 detail LoRA into another clone's forward.
 
+Loads that ask for patched weights (``force_patch_weights``: ComfyUI's checkpoint / model saving and
+LoRA extraction) get the LoRA *merged* instead, by ComfyUI's own ``patch_weight_to_device`` (an
+``ON_LOAD`` callback), with the hooks off: a saved detail model holds the detail weights. Not covered:
+the model-merging nodes read ``get_key_patches()``, which lists weight patches only, so they see the
+detail clone without its LoRA (as they would see any hook- or wrapper-based model).
+
 Cost: 2·r·(in+out) extra FLOPs per token on each LoRA layer of a detail-expert call (Wan 1.3B,
 r 128: +7 % of a call) instead of a merge per switch. Memory: the LoRA factors only (already held
 by the loader), moved to the compute device while injected (not in lowvram mode, where they are
@@ -58,8 +64,11 @@ class LoRABypass:
     to a list of ``(A, B, scale)``; the tensors are shared, never copied, on the host.
     """
 
-    def __init__(self, targets: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]):
+    def __init__(self, targets: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]], patches: dict | None = None):
         self.targets = targets
+        #: the original ComfyUI patches ``{weight key: (strength, adapter)}``, merged for forced loads
+        self.patches = patches or {}
+        self._merged_uuid: Any = None
         self.key = f"{INJECTION_PREFIX}_{uuid.uuid4().hex[:12]}"
         self._handles: list[Any] = []
         self._owner: weakref.ReferenceType | None = None
@@ -85,6 +94,25 @@ class LoRABypass:
             return  # a clone that copied the injected flag: the owner's hooks stay
         self._remove()
 
+    def on_load(self, patcher: Any, device_to: Any, lowvram_model_memory: Any, force_patch_weights: bool, full_load: bool) -> None:
+        """``CallbacksMP.ON_LOAD``: a load that must produce patched weights gets the LoRA merged, hooks off."""
+        if not force_patch_weights:
+            self._merged_uuid = None
+            return
+        for key, (strength, adapter) in self.patches.items():
+            saved = patcher.patches.get(key)
+            # the weight may already carry this key's other patches (merged by load()): add only ours on top;
+            # the original stays in patcher.backup either way, so unpatching restores it
+            patcher.patches[key] = [(strength, adapter, 1.0, None, None)]
+            try:
+                patcher.patch_weight_to_device(key)
+            finally:
+                if saved is None:
+                    patcher.patches.pop(key, None)
+                else:
+                    patcher.patches[key] = saved
+        self._merged_uuid = patcher.patches_uuid
+
     def _remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -107,7 +135,8 @@ class LoRABypass:
 
     def _hook_for(self, base: Any, entries: list[tuple[torch.Tensor, torch.Tensor, float]]):
         def hook(module, args, output):
-            if getattr(base, "current_weight_patches_uuid", None) != self._active_uuid or self._active_uuid is None:
+            current = getattr(base, "current_weight_patches_uuid", None)
+            if current is None or current != self._active_uuid or current == self._merged_uuid:
                 return None
             x = args[0]
             delta = None
@@ -138,6 +167,7 @@ def split_bypass(model: Any, patches: dict, strength: float) -> tuple[LoRABypass
     base = model.model
     sd_keys = None
     targets: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+    originals: dict = {}
     rest: dict = {}
     bypassed: set[str] = set()
     for key, value in patches.items():
@@ -151,8 +181,9 @@ def split_bypass(model: Any, patches: dict, strength: float) -> tuple[LoRABypass
             rest[key] = value  # let add_patches drop / report it like any other key
             continue
         targets.setdefault(key[: -len(".weight")], []).append(entry)
+        originals[key] = (float(strength), value)
         bypassed.add(key)
-    return (LoRABypass(targets) if targets else None), rest, bypassed
+    return (LoRABypass(targets, originals) if targets else None), rest, bypassed
 
 
 def _lora_entry(base: Any, key: Any, value: Any, strength: float):
@@ -182,5 +213,6 @@ def _lora_entry(base: Any, key: Any, value: Any, strength: float):
 def attach(clone: Any, bypass: LoRABypass) -> None:
     """Register ``bypass`` as an injection of ``clone`` and give the clone its own weights identity."""
     clone.set_injections(bypass.key, [comfy.patcher_extension.PatcherInjection(inject=bypass.inject, eject=bypass.eject)])
+    clone.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_LOAD, bypass.key, bypass.on_load)
     # the clone computes different weights from its parent even if it has no weight patch of its own
     clone.patches_uuid = uuid.uuid4()
