@@ -226,15 +226,18 @@ def apply_caption_dropout(
     batch: Batch,
     uncond: tuple[torch.Tensor, torch.Tensor] | None,
     p: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
+    u: torch.Tensor | None = None,
 ) -> tuple[Batch, torch.Tensor]:
     """Replace each caption by the ``""`` embedding with probability ``p`` (official Wan: 10 %).
 
     The draw uses the trainer's generator (one uniform per sample, always drawn so the RNG
-    stream does not depend on ``p``). Returns the new batch and the boolean drop vector.
+    stream does not depend on ``p``), or the given uniforms ``u`` [B] (the trainer draws one per
+    sample from that sample's own generator). Returns the new batch and the boolean drop vector.
     """
     b = batch.prompt_embeds.shape[0]
-    u = torch.rand(b, generator=generator)
+    if u is None:
+        u = torch.rand(b, generator=generator)
     drop = u < p
     if not bool(drop.any()):
         return batch, drop

@@ -112,7 +112,11 @@ class PCMSolver:
     def draw(self, batch: int, generator: torch.Generator) -> IndexDraw:
         """Draw ``k`` per sample from the stage's range (official ``randint(lo, hi, (bsz,))``)."""
         lo, hi = self.index_range
-        k = torch.randint(lo, hi, (batch,), generator=generator)
+        return self.index_draw(torch.randint(lo, hi, (batch,), generator=generator))
+
+    def index_draw(self, k: torch.Tensor) -> IndexDraw:
+        """The :class:`IndexDraw` of given grid indices ``k`` [B]."""
+        k = k.long()
         return IndexDraw(k, self.sigmas[k], self.sigmas_prev[k], self.sigma_boundary)
 
     def draw_adv_index(self, batch: int, generator: torch.Generator) -> torch.Tensor:

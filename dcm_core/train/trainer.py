@@ -47,6 +47,7 @@ from ..errors import DCMCheckpointError, DCMConfigError
 from ..latents import from_model_space, to_model_space
 from ..schedule import FAMILY_WAN, build_sigmas, pcm_default_sigmas
 from . import checkpoint as ck
+from . import fsdp as fs
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
 from .data import Batch, DataStream, LatentDataset, apply_caption_dropout, collate, load_uncond, pad_uncond
 from .discriminator import Discriminator, TeacherFeatures
@@ -83,10 +84,12 @@ def lr_lambda_for(name: str, warmup: int, total: int):
 class EMA:
     """EMA of the trainable parameters, used as the consistency target network (optim.use_ema)."""
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]], decay: float) -> None:
+    def __init__(self, named: list[tuple[str, nn.Parameter]], decay: float, *, inplace: bool = False) -> None:
         self.decay = decay
         self.params = dict(named)
         self.shadow = {n: p.detach().clone() for n, p in named}
+        # FSDP2 all-gathers from its own shard storage: the EMA weights must be copied into it, not pointer-swapped
+        self.inplace = inplace
 
     @torch.no_grad()
     def update(self) -> None:
@@ -96,6 +99,18 @@ class EMA:
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
         """Temporarily put the EMA weights into the live parameters (no_grad use only)."""
+        if self.inplace:
+            saved = {n: p.detach().clone() for n, p in self.params.items()}
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(self.shadow[n])
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for n, p in self.params.items():
+                        p.copy_(saved[n])
+            return
         for n, p in self.params.items():
             p.data, self.shadow[n] = self.shadow[n], p.data
         try:
@@ -137,12 +152,18 @@ class DCMTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
         acc = self.accelerator
-        if acc.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        if acc.distributed_type.name in ("DEEPSPEED", "MEGATRON_LM"):
             raise DCMConfigError(
-                f"accelerate is configured for {acc.distributed_type.name}; the DCM trainer supports single-process and "
-                f"DDP (multi-GPU / multi-CPU) runs. Re-run `accelerate config` choosing multi-GPU without FSDP/DeepSpeed; "
-                f"use model.semantic_lora=true, model.teacher_dtype=bf16 and model.gradient_checkpointing=true to save memory."
+                f"accelerate is configured for {acc.distributed_type.name}; the DCM trainer supports single-process, "
+                f"DDP (multi-GPU / multi-CPU) and FSDP runs. Re-run `accelerate config` choosing multi-GPU (optionally "
+                f"with FSDP); use model.semantic_lora=true, model.teacher_dtype=bf16 and model.gradient_checkpointing=true "
+                f"to save memory."
             )
+        #: FSDP settings of this launch (None: no sharding); see dcm_core/train/fsdp.py
+        self.fsdp: fs.FSDPSettings | None = fs.fsdp_settings(acc)
+        if self.fsdp is not None and acc.num_processes == 1:
+            log.warning("FSDP was requested with a single process: nothing to shard, the run is not sharded.")
+            self.fsdp = None
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.is_main = acc.is_main_process
@@ -156,6 +177,9 @@ class DCMTrainer:
         self.dataset = LatentDataset(cfg.data.path, cfg.data.num_latent_t)
         self._seed_everything(cfg.seed)
         self.models: StageModels = build_models(cfg)
+        if self.fsdp is not None and self.fsdp.activation_checkpointing and not cfg.model.gradient_checkpointing:
+            log.info("FSDP activation checkpointing: per-block gradient checkpointing of the student is on.")
+            self.models.student.enable_gradient_checkpointing()
         self.family = self.models.family
         self.cfg = cfg = cfg.resolved(self.family)
         self.stage = cfg.stage
@@ -189,7 +213,11 @@ class DCMTrainer:
             self.features = TeacherFeatures(self.models.teacher, self.family, cfg.disc.stride)
             self.disc = Discriminator(self.features.num_features, self.features.feature_dim, cfg.disc.inner_channels)
 
-        # 4. optimisers, schedule, EMA
+        # 4. optimisers, schedule, EMA (under FSDP on the sharded parameters: shard first)
+        if self.fsdp is not None:
+            fs.shard_model(
+                self.models.student, self.family, acc.device, acc.num_processes, self.fsdp.reshard_after_forward
+            )
         self.trainable = self.models.trainable()
         if not self.trainable:
             raise DCMConfigError("no trainable parameters: check model.semantic_lora / the detail expert setup.")
@@ -199,7 +227,7 @@ class DCMTrainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_for(o.lr_scheduler, o.lr_warmup_steps, cfg.max_train_steps)
         )
-        self.ema = EMA(self.trainable, o.ema_decay) if o.use_ema else None
+        self.ema = EMA(self.trainable, o.ema_decay, inplace=self.fsdp is not None) if o.use_ema else None
         self.d_optimizer = None
         if self.disc is not None:
             self.d_optimizer = torch.optim.AdamW(
@@ -208,7 +236,19 @@ class DCMTrainer:
 
         # 5. devices / processes
         self.student_unwrapped = self.models.student
-        if self.disc is not None:
+        self.last_checkpoint: Path | None = None
+        if self.fsdp is not None:
+            # the student is already sharded (fully_shard works in place); the discriminator is replicated (DDP,
+            # the official NO_SHARD), the teacher replicated and frozen (moved below)
+            self.student = self.models.student
+            self.disc_unwrapped = self.disc
+            if self.disc is not None:
+                from torch.nn.parallel import DistributedDataParallel
+
+                self.disc.to(acc.device)
+                ids = [acc.device.index] if acc.device.type == "cuda" and acc.device.index is not None else None
+                self.disc = DistributedDataParallel(self.disc, device_ids=ids)
+        elif self.disc is not None:
             self.student, self.optimizer, self.disc, self.d_optimizer = acc.prepare(
                 self.models.student, self.optimizer, self.disc, self.d_optimizer
             )
@@ -221,8 +261,14 @@ class DCMTrainer:
         if self.ema is not None:
             self.ema.shadow = {n: t.to(acc.device) for n, t in self.ema.shadow.items()}
 
-        # 6. per-process randomness (noise, indices, dropout) and the process-shared one (adv index)
-        self.gen = torch.Generator().manual_seed(cfg.seed * 1000 + 17 + acc.process_index)
+        # 6. per-sample randomness (noise, indices, dropout) and the process-shared one (adv index).
+        #    Sample i of process r's batch is slot j = i·P + r of the global batch (the DistributedSampler
+        #    interleave) and draws from its own generator, seeded with j: a run with P processes × batch b
+        #    draws exactly what one process with batch P·b draws (for b = 1 this is the former per-process seed).
+        n_proc, rank = acc.num_processes, acc.process_index
+        self.slots = [i * n_proc + rank for i in range(cfg.data.batch_size)]
+        self.gens = [torch.Generator().manual_seed(cfg.seed * 1000 + 17 + j) for j in self.slots]
+        self.gen = self.gens[0]
         self.shared_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
         self._seed_everything(cfg.seed + acc.process_index)
         self.global_step = 0
@@ -236,13 +282,14 @@ class DCMTrainer:
             self._resume(resume)
         n_train = sum(p.numel() for p in params)
         log.info(
-            "DCM %s stage, %s: %s trainable parameters (%d tensors), %d samples, %d process(es), k in %s, σ_b=%.6f%s",
+            "DCM %s stage, %s: %s trainable parameters (%d tensors), %d samples, %d process(es)%s, k in %s, σ_b=%.6f%s",
             cfg.stage,
             self.family,
             f"{n_train:,}",
             len(params),
             len(self.dataset),
             acc.num_processes,
+            " (FSDP2)" if self.fsdp is not None else "",
             self.solver.index_range,
             self.solver.sigma_boundary,
             f", {self.features.num_features} discriminator heads" if self.features else "",
@@ -257,7 +304,9 @@ class DCMTrainer:
         torch.manual_seed(seed)
 
     def _generators(self) -> dict[str, torch.Generator]:
-        return {"train": self.gen, "shared": self.shared_gen}
+        gens = {"train": self.gens[0], **{f"train.{i}": g for i, g in enumerate(self.gens[1:], 1)}}
+        gens["shared"] = self.shared_gen
+        return gens
 
     def _resume(self, resume: str) -> None:
         path = ck.resolve_resume(resume, self.ckpt_root)
@@ -283,28 +332,44 @@ class DCMTrainer:
         diffs = [d for d in diffs if not d.startswith(("max_train_steps", "checkpoint.", "logging.", "validation.", "export."))]
         if diffs:
             log.warning("resuming with a changed config (%s); the continuation will not match an uninterrupted run.", "; ".join(diffs[:6]))
-        # weights
-        tensors = ck.load_tensors(path / "trainable.safetensors")
+        # weights (under FSDP every process reads only its own rows of each tensor)
+        sharded = self.fsdp is not None
+        if sharded:
+            reader = fs.ShardedReader(path / "trainable.safetensors")
+            saved_names = set(reader.keys())
+        else:
+            tensors = ck.load_tensors(path / "trainable.safetensors")
+            saved_names = set(tensors)
         names = {n for n, _ in self.trainable}
-        if set(tensors) != names:
+        if saved_names != names:
             raise DCMCheckpointError(
-                f"checkpoint {path} holds {len(tensors)} trainable tensors, the model has {len(names)} "
-                f"(e.g. missing {sorted(names - set(tensors))[:3]}); the config changed the trainable set."
+                f"checkpoint {path} holds {len(saved_names)} trainable tensors, the model has {len(names)} "
+                f"(e.g. missing {sorted(names - saved_names)[:3]}); the config changed the trainable set."
             )
         with torch.no_grad():
             for n, p in self.trainable:
-                p.copy_(tensors[n].to(p.device, p.dtype))
+                p.copy_(reader.get(n, p) if sharded else tensors[n].to(p.device, p.dtype))
         if self.ema is not None:
-            shadow = ck.load_tensors(path / "ema.safetensors")
-            self.ema.shadow = {n: shadow[n].to(self.accelerator.device) for n in self.ema.shadow}
+            if sharded:
+                er = fs.ShardedReader(path / "ema.safetensors")
+                self.ema.shadow = {n: er.get(n, self.ema.params[n]) for n in self.ema.shadow}
+            else:
+                shadow = ck.load_tensors(path / "ema.safetensors")
+                self.ema.shadow = {n: shadow[n].to(self.accelerator.device) for n in self.ema.shadow}
         if self.disc_unwrapped is not None:
             self.disc_unwrapped.load_state_dict(ck.load_tensors(path / "discriminator.safetensors"))
             d_sd = ck.optimizer_from_flat(
                 ck.load_tensors(path / "disc_optimizer.safetensors"), ck.load_json(path / "disc_optimizer.json")
             )
             self.d_optimizer.load_state_dict(d_sd)
-        opt_sd = ck.optimizer_from_flat(ck.load_tensors(path / "optimizer.safetensors"), ck.load_json(path / "optimizer.json"))
-        self.optimizer.load_state_dict(opt_sd)
+        if sharded:
+            fs.load_optimizer_state(
+                self.optimizer, [p for _, p in self.trainable], fs.ShardedReader(path / "optimizer.safetensors"),
+                ck.load_json(path / "optimizer.json"),
+            )
+        else:
+            opt_sd = ck.optimizer_from_flat(ck.load_tensors(path / "optimizer.safetensors"), ck.load_json(path / "optimizer.json"))
+            self.optimizer.load_state_dict(opt_sd)
         self.lr_scheduler.load_state_dict(ck.load_json(path / "scheduler.json"))
         self.global_step = int(state["global_step"])
         n_saved = int(state.get("num_processes", 1))
@@ -412,21 +477,27 @@ class DCMTrainer:
             v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
             logs[key] = logs.get(key, 0.0) + v / accum
 
+        gens = self.gens
+        lo, hi = solver.index_range
         for micro in range(accum):
             batch = self.data.next()
-            batch, _ = apply_caption_dropout(batch, self.uncond, cfg.data.caption_dropout, self.gen)
+            if batch.latents.shape[0] != len(gens):
+                raise RuntimeError(f"internal: a batch of {batch.latents.shape[0]} samples for {len(gens)} sample generators")
+            # each sample draws from its own generator, in the order dropout, noise, k, adversarial noise
+            u = torch.cat([torch.rand(1, generator=g) for g in gens])
+            batch, _ = apply_caption_dropout(batch, self.uncond, cfg.data.caption_dropout, None, u=u)
             x0_raw = batch.latents.float()
-            b = x0_raw.shape[0]
-            noise = torch.randn(x0_raw.shape, generator=self.gen)
-            draw = solver.draw(b, self.gen)
+            shape = x0_raw.shape[1:]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+            draw = solver.index_draw(torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]))
             if self.use_adv:
-                adv_index = solver.draw_adv_index(b, self.shared_gen)
-                adv_noise = torch.randn(x0_raw.shape, generator=self.gen)
+                adv_all = solver.draw_adv_index(acc.num_processes * len(gens), self.shared_gen)  # the global batch
+                adv_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
             batch = batch.to(acc.device)
             x0 = to_model_space(batch.latents.float(), self.family)
             noise = noise.to(acc.device)
             cond = self._cond(batch)
-            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(self.student)
+            sync = contextlib.nullcontext() if micro == accum - 1 else self._no_sync(self.student)
             with sync:
                 pred, target = self._consistency_pair(self.student, batch, x0, noise, draw, cond)
                 # 4. losses
@@ -438,7 +509,7 @@ class DCMTrainer:
                     loss = loss + cfg.loss.tc_weight * l_tc
                     add("loss_tc", l_tc)
                 if self.use_adv:
-                    adv_index = self._share(adv_index)
+                    adv_index = self._share(adv_all)[torch.tensor(self.slots)]
                     sigma_a = solver.adv_sigma(adv_index)
                     fake, real = solver.adversarial_pair(pred, target, adv_noise.to(acc.device), sigma_a)
                     l_g, l_fm, raw_f, raw_r, grid = self._generator_adversarial(fake, real, sigma_a, cond)
@@ -454,6 +525,7 @@ class DCMTrainer:
 
         # 5. generator update
         grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.optim.max_grad_norm)
+        grad_norm = fs.full_tensor(grad_norm) if isinstance(grad_norm, torch.Tensor) else grad_norm
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -467,7 +539,7 @@ class DCMTrainer:
             self.disc_unwrapped.requires_grad_(True)
             self.d_optimizer.zero_grad(set_to_none=True)
             for i, (raw_f, raw_r, grid) in enumerate(stash):
-                sync = contextlib.nullcontext() if i == len(stash) - 1 else acc.no_sync(self.disc)
+                sync = contextlib.nullcontext() if i == len(stash) - 1 else self._no_sync(self.disc)
                 with sync:
                     with acc.autocast():
                         logits_f = self.disc(raw_f, grid)
@@ -481,8 +553,20 @@ class DCMTrainer:
             logs["d_grad_norm"] = float(d_norm) if d_norm is not None else 0.0
         return logs
 
+    def _no_sync(self, module: nn.Module) -> Any:
+        """Skip the gradient reduction of this micro-batch (DDP ``no_sync`` / FSDP2 gradient-sync switch)."""
+        if self.fsdp is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if fs.is_fsdp_module(module):
+                return fs.no_grad_sync(module)
+            if isinstance(module, DistributedDataParallel):
+                return module.no_sync()
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(module)
+
     def _share(self, t: torch.Tensor) -> torch.Tensor:
-        """Make every process use process 0's value (the official code does not, §6.5)."""
+        """Make every process use process 0's values (the official code does not, §6.5)."""
         if self.accelerator.num_processes == 1:
             return t
         from accelerate.utils import broadcast
@@ -529,13 +613,42 @@ class DCMTrainer:
         writer.tensors(f"rng-rank{rank}.safetensors", rng_t)
         writer.json(f"rng-rank{rank}.json", rng_m)
         data_states = self._gather_data_states()
-        if self.is_main:
-            writer.tensors("trainable.safetensors", {n: p.detach().float() for n, p in self.trainable})
+        if self.fsdp is not None:
+            # sharded tensors are gathered one at a time by every process (a collective), kept on process 0 only:
+            # the files are the same as an unsharded run's
+            main = self.is_main
+
+            def gathered(named: Any) -> dict[str, torch.Tensor]:
+                out = {}
+                for n, t in named:
+                    full = fs.full_tensor(t.detach())
+                    if main:
+                        out[n] = full.float().cpu()
+                return out
+
+            trainable = gathered(self.trainable)
+            if main:
+                writer.tensors("trainable.safetensors", trainable)
+            del trainable
             if self.ema is not None:
-                writer.tensors("ema.safetensors", self.ema.shadow)
-            t, m = ck.optimizer_to_flat(self.optimizer.state_dict())
-            writer.tensors("optimizer.safetensors", t)
-            writer.json("optimizer.json", m)
+                shadow = gathered(self.ema.shadow.items())
+                if main:
+                    writer.tensors("ema.safetensors", shadow)
+                del shadow
+            opt_sd = fs.full_optimizer_state(self.optimizer, [p for _, p in self.trainable], main)
+            if main:
+                t, m = ck.optimizer_to_flat(opt_sd)
+                writer.tensors("optimizer.safetensors", t)
+                writer.json("optimizer.json", m)
+            del opt_sd
+        if self.is_main:
+            if self.fsdp is None:
+                writer.tensors("trainable.safetensors", {n: p.detach().float() for n, p in self.trainable})
+                if self.ema is not None:
+                    writer.tensors("ema.safetensors", self.ema.shadow)
+                t, m = ck.optimizer_to_flat(self.optimizer.state_dict())
+                writer.tensors("optimizer.safetensors", t)
+                writer.json("optimizer.json", m)
             if self.disc_unwrapped is not None:
                 writer.tensors("discriminator.safetensors", self.disc_unwrapped.state_dict())
                 t, m = ck.optimizer_to_flat(self.d_optimizer.state_dict())
@@ -547,6 +660,7 @@ class DCMTrainer:
                 {
                     "global_step": self.global_step,
                     "num_processes": acc.num_processes,
+                    "sharding": "fsdp2" if self.fsdp is not None else "none",
                     "data": data_states,
                     "stage": self.stage,
                     "family": self.family,
@@ -557,6 +671,7 @@ class DCMTrainer:
         path = None
         if self.is_main:
             path = writer.commit()
+            self.last_checkpoint = path
             removed = ck.rotate(self.ckpt_root, self.cfg.checkpoint.keep)
             log.info("saved %s%s", path, f" (removed {len(removed)} old)" if removed else "")
         acc.wait_for_everyone()
@@ -614,8 +729,9 @@ class DCMTrainer:
 
     @torch.no_grad()
     def validate(self) -> Path | None:
-        """Sample validation latents with :func:`dcm_core.sampler.sample_dcm` (main process)."""
-        if not self.is_main:
+        """Sample validation latents with :func:`dcm_core.sampler.sample_dcm` (main process; under FSDP every
+        process runs the same forwards, the sharded student needs them all)."""
+        if not self.is_main and self.fsdp is None:
             return None
         from ..sampler import sample_dcm
 
@@ -647,6 +763,8 @@ class DCMTrainer:
             x = sample_dcm(model_fn, noise, sigmas, boundary)
         finally:
             model.train(was_training)
+        if not self.is_main:
+            return None
         out_dir = self.run_dir / "validation"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step-{self.global_step:08d}.safetensors"
