@@ -66,6 +66,9 @@ def summarise(name: str, w: dict) -> dict:
         out["overhead"] = dcm["wall"] / calls["sum_wall"]
         out["vram_peak_allocated"] = dcm.get("vram_peak_allocated")
         out["vram_peak_reserved"] = dcm.get("vram_peak_reserved")
+        if calls.get("loaded_fraction"):  # share of the weights ComfyUI kept on the GPU during the calls
+            out["weights_on_gpu_fraction"] = min(calls["loaded_fraction"])
+            out["partially_loaded"] = any(calls["lowvram"])
     for v in ("stock_split_chain", "dcm_guider"):
         if v in rd and dcm:
             out[f"dcm_over_{v}"] = dcm["wall"] / rd[v]["wall"]
@@ -89,20 +92,24 @@ def render(R: dict) -> str:
     head = (f"# DCM node pack benchmarks (GPU)\n\n{M['date']} · {gpu.get('name', 'CPU (--cpu check)')} · "
             f"{M['cpu_model']} · torch {M['torch']} · ComfyUI {M['comfyui_version']} · latent {R['latent']} · "
             f"total {R['total_s'] / 60:.1f} min\n\n")
-    rows = ["| Mode | s/step (DCM) | switch s (÷ call) | DCM ÷ stock chain | peak VRAM alloc / reserved | "
-            "standard 50×CFG5 s/step | speedup (projected) |", "|---|---|---|---|---|---|---|"]
+    rows = ["| Mode | s/step (DCM) | switch s (÷ call) | DCM ÷ stock chain | peak VRAM alloc / reserved | weights on GPU | "
+            "standard 50×CFG5 s/step | speedup (projected) |", "|---|---|---|---|---|---|---|---|"]
 
     def f(x, nd=2):
         return "—" if x is None else f"{x:.{nd}f}"
 
     for s in R["summary"]:
         if "error" in s:
-            rows.append(f"| {s['mode']} | failed: {s['error']} | | | | | |")
+            rows.append(f"| {s['mode']} | failed: {s['error']} | | | | | | |")
             continue
         va, vr = s.get("vram_peak_allocated"), s.get("vram_peak_reserved")
+        frac = s.get("weights_on_gpu_fraction")
+        on_gpu = "—" if frac is None else f"{100 * frac:.0f} %"
         vram = "—" if va is None else f"{va / 2**30:.2f} / {vr / 2**30:.2f} GiB"
         rows.append(f"| {s['mode']} | {f(s.get('s_per_step_dcm'))} | {f(s.get('switch_s'))} ({f(s.get('switch_over_call'))}) | "
-                    f"{f(s.get('dcm_over_stock_split_chain'), 3)} | {vram} | {f(s.get('standard_s_per_step'))} | "
+                    f"{f(s.get('dcm_over_stock_split_chain'), 3)} | {vram} | "
+                    f"{on_gpu} | "
+                    f"{f(s.get('standard_s_per_step'))} | "
                     f"{f(s.get('speedup_projected'), 1)}× |")
     return head + "\n".join(rows) + "\n"
 

@@ -41,6 +41,7 @@ class Graph:
 
     def __init__(self, ckpt: str, weight_dtype: str, latent: Latent, *, stock_files: tuple[str, str] | None = None):
         self.latent = latent
+        self.stock_files = stock_files
         b = {
             "1": {"class_type": "DCMCheckpointLoader", "inputs": {"ckpt_name": ckpt, "weight_dtype": weight_dtype}},
             "2": {"class_type": "DCMBenchConditioning", "inputs": {"seed": COND_SEED, "tokens": COND_TOKENS, "batch": 1}},

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PROFILES = {
-    "quick": dict(big=False, tiny_rounds=3, big_rounds=0, big_std_steps=3, compute_bound=False, whatif_reader=False,
+    "quick": dict(big=False, tiny_rounds=3, big_rounds=0, big_std_steps=2, whatif_reader=False,
                   train_tiny=3, train_big=0),
-    "default": dict(big=True, tiny_rounds=5, big_rounds=2, big_std_steps=3, compute_bound=False, whatif_reader=False,
+    "default": dict(big=True, tiny_rounds=5, big_rounds=2, big_std_steps=2, whatif_reader=False,
                     train_tiny=4, train_big=2),
-    "full": dict(big=True, tiny_rounds=7, big_rounds=3, big_std_steps=4, compute_bound=True, whatif_reader=True,
+    "full": dict(big=True, tiny_rounds=7, big_rounds=3, big_std_steps=3, whatif_reader=True,
                  train_tiny=6, train_big=3),
 }
 
@@ -335,10 +335,13 @@ def build_rows(R: dict) -> list[tuple[str, str, str, str, str]]:
             rows.append(("4. Load time ÷ plain safetensors load_file + one read pass of the same file", "Wan 1.3B-shape",
                          f"{_f(m['load_cpu'] / pl['cpu'], 2)} CPU ({_f(m['load_wall'] / pl['wall'], 2)} wall; "
                          f"{_f(m['load_wall'], 1)} s vs {_f(pl['wall'], 1)} s)", "—", "info"))
-    for model, label in (("tiny", "tiny Wan"), ("wan1.3b_fp32", "Wan 1.3B-shape fp32"), ("wan1.3b_fp32_192tok", "Wan 1.3B-shape fp32, 192 tokens")):
+    for model in ("tiny", "wan1.3b_fp32"):
         st = A.get(f"standard_{model}") or {}
         if not st:
             continue
+        w = R["workers"].get(model) or {}
+        shape = "×".join(str(x) for x in w.get("standard_latent_shape") or w.get("latent_shape") or [])
+        label = f"{'tiny Wan' if model == 'tiny' else 'Wan 1.3B-shape fp32'}, latent {shape}"
         how = "measured" if not st["projected"] else f"projected from {st['measured_steps']} measured steps"
         tiny = model == "tiny"
         rows.append((f"5. Standard Wan (50 steps, CFG 5, euler) ÷ DCM 6-step [{how}]", label,
@@ -436,23 +439,17 @@ def main(argv: list[str] | None = None) -> int:
 
         # stock UNETLoader has no bf16 option; on the CPU it upcasts a bf16 file to fp32, like our "default"
         sem_f, det_f = ensure_converted(Path(big), "bf16", log=log)
-        log("Wan 1.3B-shape fp32: sampling variants (+ stock UNETLoader / LoraLoaderModelOnly chain), switch, RSS, "
-            "standard-run projection")
+        log("Wan 1.3B-shape fp32: sampling variants (+ stock UNETLoader / LoraLoaderModelOnly chain), switch, RSS; "
+            "standard-run projection at 1×16×3×16×16")
         w = run_worker("worker_comfy", ["--model", "wan1.3b", "--ckpt", big,
                                         "--parts", "load,sampling,rss,standard,stock_loaders",
                                         "--rounds", str(P["big_rounds"]), "--standard-steps", str(P["big_std_steps"]),
-                                        "--stock-files", f"{sem_f},{det_f}", *pack],
+                                        "--standard-latent", "128x128x9", "--stock-files", f"{sem_f},{det_f}", *pack],
                        work, "wan1.3b_fp32", 2400)
         R["workers"]["wan1.3b_fp32"] = w
         R["analysis"]["sampling_wan1.3b_fp32"] = analyse_sampling(w)
         R["analysis"]["standard_wan1.3b_fp32"] = analyse_standard(w)
         R["analysis"]["memory_wan1.3b_fp32"] = analyse_memory(w)
-        if P["compute_bound"]:
-            log("Wan 1.3B-shape fp32, 192 tokens (1×16×3×16×16): standard-run projection (compute-bound)")
-            w = run_worker("worker_comfy", ["--model", "wan1.3b", "--ckpt", big, "--parts", "standard", "--latent", "128x128x9",
-                                            "--rounds", "1", "--standard-steps", "2", *pack], work, "wan1.3b_fp32_192tok", 2400)
-            R["workers"]["wan1.3b_fp32_192tok"] = w
-            R["analysis"]["standard_wan1.3b_fp32_192tok"] = analyse_standard(w)
     if "train" not in skip:
         from . import trainer
 

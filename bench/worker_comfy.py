@@ -13,7 +13,8 @@ Parts:
   order rotated per round, a new seed per round shared by all variants), every model call timed;
 * ``rss``      — RSS peak of one DCMDualExpertSampler run (a part of ``sampling`` if both are given);
 * ``standard`` — the same base sampled the standard Wan way (50 steps, CFG 5, euler), fully
-  (``--standard-steps 50``) or its first N steps for a projection;
+  (``--standard-steps 50``) or its first N steps for a projection, next to a DCM run on the same latent
+  (``--standard-latent``, default the sampling latent);
 * ``stock_loaders`` — the chain on stock UNETLoader + LoraLoaderModelOnly (needs converted files: tiny).
 
 Times are wall (``perf_counter``) and process CPU time (``process_time``): on a shared machine the CPU
@@ -46,6 +47,8 @@ def _calls_summary(calls: list) -> dict:
         "cpu": cpu,
         "sum_wall": sum(wall),
         "sum_cpu": sum(cpu),
+        "lowvram": [c[7] for c in calls],
+        "loaded_fraction": [c[8] / max(1, c[9]) for c in calls],
     }
     sem = [c for c in calls if c[0] == "semantic"]
     det = [c for c in calls if c[0] == "detail"]
@@ -104,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latent", default=None, help="WxHxLENGTH (pixels/frames as EmptyHunyuanLatentVideo takes them)")
     ap.add_argument("--standard-steps", type=int, default=50, help="steps of the standard run actually sampled (≤ 50)")
+    ap.add_argument("--standard-latent", default=None, help="WxHxLENGTH for the standard-vs-DCM part (default: --latent)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pack", default=None, help="node pack folder to load instead of this repo (before/after runs)")
     ap.add_argument("--gpu", action="store_true", help="do not pass --cpu to ComfyUI")
@@ -239,11 +243,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if "standard" in parts:
         k = max(1, min(50, a.standard_steps))
+        gs = g
+        if a.standard_latent:
+            w, hh, ln = (int(x) for x in a.standard_latent.lower().split("x"))
+            gs = Graph(ckpt, a.weight_dtype, Latent(w, hh, ln), stock_files=g.stock_files)
+        res["standard_latent_shape"], res["standard_tokens"] = list(gs.latent.shape), gs.latent.tokens
         std = []
         for r in range(max(1, a.rounds if k == 50 else 1)):
             seed = 2000 + r
-            dcm = run(g.dcm_sampler(seed), reset=True)
-            st = run(g.standard_wan(seed, end_at_step=None if k == 50 else k), reset=True)
+            dcm = run(gs.dcm_sampler(seed), reset=True)
+            st = run(gs.standard_wan(seed, end_at_step=None if k == 50 else k), reset=True)
             std.append({"dcm": dcm, "standard": st, "measured_steps": k})
         res["standard"] = std
 

@@ -2,8 +2,9 @@
 
 * ``DCMBenchConditioning`` — deterministic random conditioning ``[[tensor(B, L, 4096), {}]]`` (no text encoder).
 * ``DCMBenchCallTimer``    — clones a MODEL and records every diffusion-model call (a ``DIFFUSION_MODEL``
-  wrapper): ``(tag, wall start, wall end, cpu start, cpu end, batch, timestep)`` into ``CALLS``
-  (``time.perf_counter`` and ``time.process_time``).
+  wrapper): ``(tag, wall start, wall end, cpu start, cpu end, batch, timestep, lowvram, loaded bytes,
+  model bytes)`` into ``CALLS`` (``time.perf_counter`` and ``time.process_time``; the last three: how much
+  of the model ComfyUI had on the compute device during that call).
 * ``DCMBenchModelSink``    — output node taking a MODEL (so a prompt can run just the loaders); stores
   its size in ``STORE[key]``.
 * ``DCMBenchCapture``      — output node keeping a LATENT in ``STORE[key]``.
@@ -65,7 +66,10 @@ class DCMBenchCallTimer(io.ComfyNode):
             out = executor(x, timestep, *args, **kwargs)
             if cuda:
                 torch.cuda.synchronize(x.device)
-            calls.append((tag, t0, clock(), c0, cpu(), int(x.shape[0]), float(timestep.flatten()[0])))
+            base = m.model
+            calls.append((tag, t0, clock(), c0, cpu(), int(x.shape[0]), float(timestep.flatten()[0]),
+                          bool(getattr(base, "model_lowvram", False)), int(getattr(base, "model_loaded_weight_memory", 0)),
+                          int(m.model_size())))
             return out
 
         m = model.clone()
