@@ -89,13 +89,18 @@ def fsdp_settings(accelerator: Any) -> FSDPSettings | None:
     s = FSDPSettings()
     if plugin is not None:  # accelerate built it from the same env / config file
         s.version = int(getattr(plugin, "fsdp_version", 1) or 1)
-        raf = getattr(plugin, "reshard_after_forward", True)
-        s.reshard_after_forward = raf if isinstance(raf, bool) else str(getattr(raf, "name", raf)).upper() != "SHARD_GRAD_OP"
+        strat = getattr(plugin, "sharding_strategy", None)
+        s.sharding_strategy = str(getattr(strat, "name", strat or "FULL_SHARD")).upper()
+        raf = getattr(plugin, "reshard_after_forward", None)  # FSDP2: a bool; FSDP1 configs: the strategy says it
+        if isinstance(raf, bool):
+            s.reshard_after_forward = raf
+        elif raf is not None:
+            s.reshard_after_forward = str(getattr(raf, "name", raf)).upper() != "SHARD_GRAD_OP"
+        else:
+            s.reshard_after_forward = s.sharding_strategy != "SHARD_GRAD_OP"
         s.activation_checkpointing = bool(getattr(plugin, "activation_checkpointing", False))
         off = getattr(plugin, "cpu_offload", None)
         s.offload_params = bool(getattr(off, "offload_params", False)) or type(off).__name__ == "CPUOffloadPolicy"
-        strat = getattr(plugin, "sharding_strategy", None)
-        s.sharding_strategy = str(getattr(strat, "name", strat or "FULL_SHARD")).upper()
     else:  # accelerate dropped FSDP (CPU) or was not asked through it: read the launcher's variables
         s.version = int(os.environ.get("FSDP_VERSION", "1") or 1)
         strat = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
