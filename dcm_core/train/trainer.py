@@ -3,7 +3,9 @@
 Anatomy (the diffusers training-example layout):
 
 1. setup: accelerator, run folder, seeds, models (:mod:`.models`), data (:mod:`.data`),
-   discriminator (:mod:`.discriminator`), optimisers, LR schedule, EMA, resume;
+   discriminator (:mod:`.discriminator`), FSDP2 sharding of the student under ``accelerate launch
+   --use_fsdp`` (:mod:`.fsdp`; otherwise DDP through ``accelerator.prepare``), optimisers, LR
+   schedule, EMA, resume;
 2. the step (:meth:`DCMTrainer.train_step`):
 
    * stage semantic — ``k ~ U{K0…49}``; student jump to ``σ_prev[K0]``; one teacher Euler step
