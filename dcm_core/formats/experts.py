@@ -356,7 +356,7 @@ def _diff_key(model_key: str) -> str:
 def _check_complete_detail(path: str, stems: Mapping[str, Mapping[str, tuple]], family: str, dims: Mapping) -> None:
     """The detail expert patches every attention projection of its model and copies each replaced
     module completely (a partial file would load as a silently different expert)."""
-    counts = km.block_counts(family, dims)
+    counts = km.block_counts(family, dims, where=path)
     if counts is None or family not in LORA_STEM_TEMPLATES:
         return  # no block counts recorded: nothing to compare with
     label = km.size_label(family, dims)
@@ -373,7 +373,7 @@ def _check_complete_detail(path: str, stems: Mapping[str, Mapping[str, tuple]], 
             f"{path}: LoRA for {km.shown_keys(extra)}, which {'is' if len(extra) == 1 else 'are'} not an attention layer of "
             f"a {label}. The file is damaged or its metadata (dcm.dims) was edited."
         )
-    model_keys = km.expected_comfy_keys(family, dims)
+    model_keys = km.expected_comfy_keys(family, dims, where=path)
     diffs = {s[len(COMFY_PREFIX) :] + suf for s, parts in stems.items() for suf in parts if suf in (".diff", ".diff_b")}
     allowed: set[str] = set()
     for module, prefixes in DIFF_GROUPS[family].items():

@@ -526,17 +526,30 @@ def expand_templates(templates, counts: Mapping[str, int]) -> set[str]:
     return out
 
 
-def block_counts(family: str, dims: Mapping) -> dict[str, int] | None:
+#: More blocks than any real model has (Wan 14B: 40, HunyuanVideo: 20 + 40). A larger count comes from a
+#: damaged or crafted key / metadata and must not be expanded into a key list.
+MAX_BLOCKS = 1024
+
+
+def block_counts(family: str, dims: Mapping, *, where: str = "model") -> dict[str, int] | None:
     """``{n, s, r}`` block counts from dims (None if dims does not hold them)."""
     try:
         if family == FAMILY_WAN:
-            return {"n": int(dims["num_layers"])}
-        return {"n": int(dims["num_layers"]), "s": int(dims["num_single_layers"]), "r": int(dims["num_refiner_layers"])}
-    except (KeyError, TypeError, ValueError):
+            counts = {"n": int(dims["num_layers"])}
+        else:
+            counts = {"n": int(dims["num_layers"]), "s": int(dims["num_single_layers"]), "r": int(dims["num_refiner_layers"])}
+    except (KeyError, TypeError, ValueError, OverflowError):
         return None
+    bad = {k: v for k, v in counts.items() if not 0 <= v <= MAX_BLOCKS}
+    if bad:
+        raise DCMFormatError(
+            f"{where}: a block count of {max(bad.values(), key=abs)} is implausible (real models have at most a few "
+            f"dozen blocks); a key name or the dcm.dims metadata is damaged or crafted."
+        )
+    return counts
 
 
-def expected_comfy_keys(family: str, dims: Mapping) -> set[str]:
+def expected_comfy_keys(family: str, dims: Mapping, *, where: str = "model") -> set[str]:
     """Every ComfyUI key a model with these dims has (optional parts from dims: Wan I2V / FLF, HY guidance)."""
     _check_family(family)
     tpl = COMFY_KEY_TEMPLATES[family]
@@ -548,9 +561,9 @@ def expected_comfy_keys(family: str, dims: Mapping) -> set[str]:
             parts.append("flf")
     elif dims.get("guidance_embeds"):
         parts.append("guidance")
-    counts = block_counts(family, dims)
+    counts = block_counts(family, dims, where=where)
     if counts is None:
-        raise DCMFormatError(f"model dims {dict(dims)} lack the block counts")
+        raise DCMFormatError(f"{where}: model dims {dict(dims)} lack the block counts")
     return expand_templates([t for p in parts for t in tpl[p]], counts)
 
 
@@ -565,7 +578,7 @@ def check_complete(family: str, shapes: Mapping[str, Shape], *, where: str) -> d
     silently ignored; both mean a damaged or edited file, so both raise :class:`DCMFormatError`."""
     s = strip_prefix(shapes)
     dims = dims_from_comfy_shapes(family, s, where=where)
-    want = expected_comfy_keys(family, dims)
+    want = expected_comfy_keys(family, dims, where=where)
     have = set(s)
     missing, unknown = sorted(want - have), sorted(have - want)
     label = size_label(family, dims)
