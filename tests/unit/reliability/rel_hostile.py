@@ -23,6 +23,7 @@ import pickle
 import re
 import resource
 import shutil
+import signal
 import struct
 import time
 import tracemalloc
@@ -48,7 +49,7 @@ ROOT = HERE.parents[2]
 
 #: Per entry point and case: CPU seconds, Python heap peak (tracemalloc) and address-space headroom.
 CPU_LIMIT_S = 2.0
-WALL_LIMIT_S = 30.0  # only a hang guard; the CPU limit is the real bound (the machine is shared)
+WALL_LIMIT_S = 30.0  # hang guard (SIGALRM interrupts the case); the CPU limit is the real bound (shared machine)
 PY_HEAP_LIMIT = 48 * 2**20
 AS_HEADROOM = 768 * 2**20
 
@@ -59,6 +60,10 @@ def _vm_size() -> int:
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+class CaseTimeout(AssertionError):
+    """A case ran past the hang guard (raised inside it by SIGALRM)."""
 
 
 @dataclass
@@ -84,10 +89,18 @@ def bounded(label: str, *, cpu_s: float = CPU_LIMIT_S, py_heap: int = PY_HEAP_LI
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+
+    def _timeout(signum, frame):
+        raise CaseTimeout(f"{label}: still running after {WALL_LIMIT_S} s (hang)")
+
+    old_handler = signal.signal(signal.SIGALRM, _timeout)
+    signal.setitimer(signal.ITIMER_REAL, WALL_LIMIT_S)
     c0, w0 = time.process_time(), time.perf_counter()
     try:
         yield u
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
         u.cpu_s, u.wall_s = time.process_time() - c0, time.perf_counter() - w0
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
         u.py_peak = tracemalloc.get_traced_memory()[1]
@@ -441,7 +454,7 @@ def run_entry(entry: str, path: Path, out_dir: Path, search_dirs=()) -> Outcome:
             out = Outcome(entry, True, v, usage=u)
         except DCMError as e:
             out = Outcome(entry, False, error=e, usage=u)
-        except Unpickled:
+        except (Unpickled, CaseTimeout):
             raise
         except BaseException as e:  # noqa: BLE001 - anything else is the bug we are hunting
             raise AssertionError(f"{entry}({path}) raised {type(e).__name__} (not a DCMError): {e}") from e

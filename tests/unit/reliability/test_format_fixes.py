@@ -143,3 +143,22 @@ def test_valid_seed_files_still_load(world):
         else:
             H.check_bundle(load_experts(s.path), name)
     assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize("seed,where", [("official_wan", "key"), ("detail_hy", "dims")])
+def test_absurd_block_count_is_refused_quickly(world, tmp_path, seed, where):
+    """Bug 7 (in the completeness check added for bug 3/6, caught by the suite before it shipped): a key
+    renamed to block 10^9, or dcm.dims claiming 10^9 blocks, made the check build a 10^9-block key list."""
+    s = world.seed(seed)
+    hdr = json.loads(s.raw.header_bytes)
+    if where == "key":
+        hdr = {("blocks.999999999.norm2.weight" if k == "blocks.1.norm2.weight" else k): v for k, v in hdr.items()}
+    else:
+        dims = json.loads(hdr["__metadata__"]["dcm.dims"])
+        dims["num_single_layers"] = 10**9
+        hdr["__metadata__"]["dcm.dims"] = json.dumps(dims)
+    p = _case(tmp_path, s, H.pack_raw(json.dumps(hdr).encode(), s.raw.data))
+    with H.bounded("absurd", cpu_s=1.0):
+        with pytest.raises(DCMFormatError, match=r"block count of \d+ is implausible") as ei:
+            load_experts(p)
+    assert p.name in str(ei.value)

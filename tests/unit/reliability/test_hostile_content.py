@@ -58,7 +58,7 @@ def _stem(key: str) -> str:
     return key
 
 
-@R.settings(short=20, full=1200)
+@R.settings(short=20, full=1000)
 @given(seed=seeds, data=st.data())
 def test_missing_tensors(world, cases, seed, data):
     s = world.seed(seed)
@@ -97,7 +97,7 @@ def test_missing_tensors(world, cases, seed, data):
 # --------------------------------------------------------------------------- NaN / Inf
 
 
-@R.settings(short=20, full=1500)
+@R.settings(short=20, full=1000)
 @given(seed=seeds, data=st.data())
 def test_nan_inf_weights_never_load(world, cases, seed, data):
     s = world.seed(seed)
@@ -129,7 +129,7 @@ def _randn_bytes(shape, st_dtype: str, seed: int) -> bytes:
     return (torch.randn(shape, generator=g) * 0.05).to(H.TORCH_DT[st_dtype]).contiguous().view(torch.uint8).numpy().tobytes()
 
 
-@R.settings(short=15, full=1000)
+@R.settings(short=15, full=600)
 @given(seed=st.sampled_from(OFFICIAL + sorted(f"detail_{n}" for n in H.OFFICIAL_SEEDS)), data=st.data())
 def test_lora_rank_mismatch(world, cases, seed, data):
     s = world.seed(seed)
@@ -208,7 +208,7 @@ def zoo():
     return out
 
 
-@R.settings(short=30, full=3000)
+@R.settings(short=30, full=2000)
 @given(expert=st.sampled_from(sorted(ZOO_CFGS)), base=st.sampled_from(sorted(ZOO_CFGS)), data=st.data())
 def test_expert_on_wrong_base(zoo, expert, base, data):
     fam_e, _, det, _ = zoo[expert]
@@ -278,7 +278,7 @@ def _base_sd(world, name: str) -> tuple[str, dict[str, torch.Tensor]]:
     return family, sd
 
 
-@R.settings(short=12, full=600)
+@R.settings(short=12, full=400)
 @given(
     model=st.sampled_from(sorted(H.OFFICIAL_SEEDS)),
     layout=st.sampled_from(["diffusers", "transformer.", "comfy", "diffusion_model.", "model.diffusion_model."]),

@@ -247,7 +247,7 @@ def _corrupt(ckpt: Path, how: str, rnd: random.Random) -> str:
     return f"{how} {name}"
 
 
-@R.settings(short=6, full=150)
+@R.settings(short=6, full=80)
 @given(how=st.sampled_from(["flip", "truncate", "append", "delete", "empty", "manifest_garbled", "manifest_deleted"]),
        n_bad=st.integers(1, 2), seed=st.integers(0, 2**32 - 1), resume=st.booleans())
 def test_corrupted_newest_checkpoint_is_skipped(ref, tmp_path_factory, how, n_bad, seed, resume):
@@ -400,7 +400,7 @@ def export_size(ref, tmp_path_factory):
     return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
 
 
-@R.settings(short=4, full=120)
+@R.settings(short=4, full=60)
 @given(frac=st.floats(0.0, 0.999), previous=st.booleans())
 def test_disk_full_during_export_leaves_nothing_half_written(ref, export_size, tmp_path_factory, frac, previous):
     from dcm_core.formats import load_experts
