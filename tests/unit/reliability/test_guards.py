@@ -7,9 +7,9 @@ import pickle
 from pathlib import Path
 
 import pytest
+import rel_hostile as H
 import torch
 
-import rel_hostile as H
 from dcm_core.errors import DCMFormatError
 
 
