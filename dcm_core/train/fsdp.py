@@ -161,6 +161,12 @@ def shard_model(model: nn.Module, family: str, device: torch.device, world_size:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # diffusers' transformers return their unpatchified output as a view; FSDP2 warns that an IN-PLACE op on it
+    # would skip its pre-backward hook. The trainer only uses model outputs out of place (call_velocity →
+    # solver / losses), and the gradients equal an unsharded run's (tests/unit/train/test_fsdp.py).
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     units = block_units(model, family)
     if not units:
         raise DCMConfigError(f"no {family} transformer blocks found to shard ({', '.join(BLOCK_CLASSES.get(family, ()))}).")

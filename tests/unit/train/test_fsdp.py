@@ -11,13 +11,15 @@ accelerators), and the trainer shards anyway from the launcher's ``ACCELERATE_US
   detail stage (LoRA + ``*_lora`` on a frozen base, frozen teacher, discriminator, EMA) 4 steps
   with validation samples through ``sample_dcm`` (both experts routed by ``expert_mode`` on the
   sharded student). The two runs differ only by float summation order (batch-1 vs batch-2 matmul
-  blocking, reduce-scatter vs one sum), which the consistency loss (a difference of two nearly equal
-  forwards) and Adam's ``g/√v`` amplify. Tolerances, lr = 1e-4: losses / grad norms rtol 1e-5;
-  Adam moments (averaged gradients) per tensor ‖Δ‖ ≤ 1e-3·‖ref‖ and max|Δ| ≤ 1e-3·max|ref|
-  (measured ≤ 1.9e-4 / 3.5e-4); weights, EMA, discriminator, exports atol 2e-5 (a fifth of one Adam
-  step's largest move; measured ≤ 3.4e-6) AND mean |Δ| below 1e-3 × the mean change of the weights;
-  validation latents atol 1e-4. A DDP run deviates from the one-process run by the same amounts
-  (the batch split, not the sharding, causes it; FSDP vs DDP step-1 losses are bit-identical).
+  blocking, reduce-scatter vs one sum), which the consistency loss and Adam's ``g/√v`` amplify: the
+  loss gradient is ∝ ŷ − y, two O(1) forwards that agree to ~1e-4 here, so fp32 rounding (1e-7)
+  becomes ~1e-3 relative in the gradient. Tolerances, lr = 1e-4: losses / grad norms rtol 1e-5
+  (measured ≤ 3e-6); Adam moments (averaged gradients) per tensor ‖Δ‖ ≤ 5e-3·‖ref‖ and
+  max|Δ| ≤ 5e-3·max|ref| (measured ≤ 4.8e-4); weights, EMA, discriminator, exports atol 2e-5 (a
+  fifth of one Adam step's largest move; measured ≤ 3.4e-6) AND mean |Δ| below 1e-3 × the mean
+  change of the weights; validation latents atol 1e-4. A DDP run deviates from the one-process run by
+  the same amounts (the batch split, not the sharding, causes it; FSDP vs DDP step-1 losses are
+  bit-identical).
 * **exact resume** — process 0 is SIGKILLed in the middle of writing checkpoint 4 (after its 3rd
   file): the published checkpoint 2 still verifies, ``--resume latest`` under FSDP continues from it,
   and step 4 is bit-identical (torch.equal) to an uninterrupted FSDP run: weights, EMA, both
@@ -48,7 +50,7 @@ pytestmark = pytest.mark.slow
 LR = 1e-4
 DETAIL_STEPS = 4
 WEIGHT_ATOL = 2e-5
-MOMENT_RTOL = 1e-3
+MOMENT_RTOL = 5e-3
 LOSS_RTOL = 1e-5
 LATENT_ATOL = 1e-4
 
