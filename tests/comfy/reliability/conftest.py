@@ -146,7 +146,7 @@ def _make_nodes():
     return {"DCMRelFault": DCMRelFault, "DCMRelLatent": DCMRelLatent, "DCMRelSigmas": DCMRelSigmas}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def faults(comfy):
     """Register the fault-injection nodes in ComfyUI's node table; returns the shared :class:`Plan`."""
     import nodes
