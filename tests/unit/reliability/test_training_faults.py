@@ -165,9 +165,19 @@ def _spawn(spec: tuple, cfg_file: Path, run: Path, ref_seconds: float) -> int:
     return proc.returncode
 
 
-@R.settings(short=1, full=12, phases=[Phase.explicit] if not R.FULL else [Phase.explicit, Phase.generate],
+def _kill_examples(f):
+    """make test: one kill inside checkpoint 2's write (resume from checkpoint 1); make reliability: one of
+    every kind (incl. inside the first checkpoint: nothing to resume) plus the generated ones."""
+    f = example(spec=("files", FILES_PER_CKPT + 5))(f)
+    if R.FULL:
+        for spec in [("files", 5), ("manifest", 2), ("published", 3), ("step", 3), ("time", 0.5), ("files", FILES_PER_CKPT * STEPS)]:
+            f = example(spec=spec)(f)
+    return f
+
+
+@R.settings(short=1, full=14, phases=[Phase.explicit] if not R.FULL else [Phase.explicit, Phase.generate],
             suppress_health_check=list(HealthCheck))
-@example(spec=("files", FILES_PER_CKPT + 5))  # inside checkpoint 2's write: resume from checkpoint 1
+@_kill_examples
 @given(spec=kill_specs)
 def test_sigkill_anywhere_then_resume_latest(ref, tmp_path_factory, spec):
     from dcm_core.train import checkpoint as ck
