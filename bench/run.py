@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -366,7 +367,7 @@ def render_md(R: dict) -> str:
         f"{M['date']} · {M['cpu_model']} · {M['cpu_affinity']} cores · {M['ram_bytes'] / 2**30:.0f} GiB RAM · "
         f"torch {M['torch']} (1 thread) · ComfyUI {M['comfyui_version']} ({M['comfyui_commit']}) · "
         f"{('pack from ' + R['pack']) if R.get('pack') else 'pack ' + M['pack_commit'] + (' (dirty)' if M['pack_dirty'] else '')} · load average {M['loadavg_at_start'][0]:.1f} → {R['loadavg_at_end'][0]:.1f} · "
-        f"profile {R['profile']} · total {R['total_s'] / 60:.1f} min",
+        f"profile {R['profile']} · total {R['total_s'] / 60:.1f} min wall, {R.get('cpu_s', 0) / 60:.1f} min CPU",
         "",
         "| Scenario | Model | Measured | Target | Met? |",
         "|---|---|---|---|---|",
@@ -469,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
 
     R["loadavg_at_end"] = os.getloadavg()
     R["total_s"] = time.perf_counter() - t_all
+    ru_self, ru_kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time of the whole run (this process + every worker / trainer): ~ the wall time on an idle machine,
+    # since every worker computes on one thread
+    R["cpu_s"] = ru_self.ru_utime + ru_self.ru_stime + ru_kids.ru_utime + ru_kids.ru_stime
     R["rows"] = build_rows(R)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{a.tag}.json").write_text(json.dumps(R, indent=1, default=str))
