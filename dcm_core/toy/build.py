@@ -105,7 +105,8 @@ def build(work: Path, *, teacher_steps: int, semantic_steps: int, detail_steps: 
     teacher_dir = work / "teacher"
     if not (teacher_dir / "config.json").exists():
         t0 = time.time()
-        T.train_teacher(T.TeacherConfig(steps=teacher_steps, seed=seed), out_dir=teacher_dir)
+        T.train_teacher(T.TeacherConfig(steps=teacher_steps, seed=seed), out_dir=teacher_dir,
+                        log_every=max(1, teacher_steps // 40), log_file=work / "teacher.log")
         times["teacher"] = time.time() - t0
     data_dir = work / "data"
     if not (data_dir / "videos2caption.json").exists():
@@ -198,9 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", action="store_true", help="also train the no-TC and no-GAN ablations")
     p.add_argument("--no-bundle", action="store_true", help="do not copy the results into the bundled weights folder")
     p.add_argument("--weights-dir", default=str(M.WEIGHTS_DIR))
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One thread by default: on a busy 2-core machine two intra-op threads spin against each other
+    # and training becomes many times slower (measured); --threads 2 helps only on an idle machine.
+    torch.set_num_threads(a.threads)
+    os.environ["OMP_NUM_THREADS"] = str(a.threads)  # for the trainer subprocesses
     m = build(Path(a.work), teacher_steps=a.teacher_steps, semantic_steps=a.semantic_steps,
               detail_steps=a.detail_steps, clips=a.clips, seed=a.seed, ablations=a.ablations,
               bundle=not a.no_bundle, weights_dir=Path(a.weights_dir))

@@ -49,7 +49,8 @@ def batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tenso
     return torch.stack(lat), torch.stack(txt)
 
 
-def train_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None, progress: bool = True) -> torch.nn.Module:
+def train_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None, progress: bool = True,
+                  log_every: int = 0, log_file: str | Path | None = None) -> torch.nn.Module:
     """Train and return the teacher (a diffusers ``WanTransformer3DModel``); save it if ``out_dir``."""
     from tqdm import tqdm
 
@@ -85,8 +86,14 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None, progres
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        ema = float(loss.detach()) if ema is None else 0.98 * ema + 0.02 * float(loss.detach())
         bar.set_postfix(loss=f"{ema:.4f}")
+        if log_every and (step % log_every == 0 or step == cfg.steps - 1):
+            line = f"step {step} loss_ema {ema:.5f} lr {lr_at(step):.2e} elapsed {time.time() - t0:.0f}s"
+            log.info("teacher %s", line)
+            if log_file is not None:
+                with open(log_file, "a") as f:
+                    f.write(line + "\n")
     log.info("teacher: %d steps in %.1f s, final loss (EMA) %.4f", cfg.steps, time.time() - t0, ema)
     model.eval()
     if out_dir is not None:
