@@ -5,7 +5,8 @@
 #   make test-cli     comfy-cli launch / run / stop against a real ComfyUI server
 #   make bench        CPU benchmarks → bench/results/latest.json + markdown table
 #   make reliability  fuzzed / hostile inputs and fault-injection suite, with figures
-#   make toy-models   retrain the bundled toy teacher and experts from scratch
+#   make toy-models   retrain the bundled toy teacher and experts from scratch (+ the ablation runs)
+#   make toy-eval     measured quality of the toy experts (needs the ablation runs of toy-models)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ export COMFYUI_PATH
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability toy-models lint clean
+.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability toy-models toy-eval lint clean
 
 venv:
 	@PYTHON=$(PYTHON) VENV=$(VENV) tools/bootstrap.sh
@@ -45,10 +46,13 @@ reliability: venv
 	$(PY) -m pytest tests/unit/reliability tests/comfy/reliability -p no:randomly -q -o addopts="--import-mode=importlib -p no:cacheprovider" --reliability-full $(PYTEST_ARGS)
 
 toy-models: venv
-	$(PY) -m dcm_core.toy.build
+	$(PY) -m dcm_core.toy.build --ablations
+
+toy-eval: venv
+	$(PY) -m dcm_core.toy.evaluate
 
 lint: venv
-	$(PY) -m ruff check . || true
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache tests/_output demo_out

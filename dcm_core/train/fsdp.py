@@ -158,13 +158,13 @@ def block_units(model: nn.Module, family: str) -> list[tuple[str, nn.Module]]:
 
 def shard_model(model: nn.Module, family: str, device: torch.device, world_size: int, reshard_after_forward: bool) -> nn.Module:
     """``fully_shard`` every block, then the root (in place; returns the same object)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     # diffusers' transformers return their unpatchified output as a view; FSDP2 warns that an IN-PLACE op on it
     # would skip its pre-backward hook. The trainer only uses model outputs out of place (call_velocity →
     # solver / losses), and the gradients equal an unsharded run's (tests/unit/train/test_fsdp.py).
     import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     units = block_units(model, family)

@@ -118,8 +118,8 @@ def _boot(base: Path, comfy_path: Path) -> ComfyHarness:
 
     args.cpu = True
     args.disable_api_nodes = True
-    import utils.install_util  # noqa: F401  (import-order trap, testing-on-cpu.md §4.1)
     import folder_paths
+    import utils.install_util  # noqa: F401  (import-order trap, testing-on-cpu.md §4.1)
 
     for sub in ("output", "temp", "input", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,6 @@ def test_schema_contract_and_tooltips(comfy, node_id):
 
 def test_contract_details(comfy):
     import nodes
-
     from dcm_core import schedule
 
     sampler = nodes.NODE_CLASS_MAPPINGS["DCMDualExpertSampler"].GET_SCHEMA()

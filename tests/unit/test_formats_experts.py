@@ -23,10 +23,12 @@ from dcm_core.formats import (
     convert_official,
     diffusers_to_comfy,
     inspect_file,
-    keymaps as km,
     load_detail_expert,
     load_experts,
     read_header,
+)
+from dcm_core.formats import (
+    keymaps as km,
 )
 from dcm_core.formats.experts import plan_official
 from dcm_core.modeling import DETAIL_ADAPTER, EXPERT_MODULES

@@ -12,7 +12,8 @@ import torch
 
 from dcm_core import tiny
 from dcm_core.errors import DCMFormatError
-from dcm_core.formats import comfy_to_diffusers, diffusers_to_comfy, keymaps as km
+from dcm_core.formats import comfy_to_diffusers, diffusers_to_comfy
+from dcm_core.formats import keymaps as km
 
 COMFY_WAN_T2V = (
     "patch_embedding.weight", "patch_embedding.bias",

@@ -10,10 +10,9 @@ Class-level containers are mutated, never reassigned: V3 runs a shallow class cl
 
 from __future__ import annotations
 
+import comfy.patcher_extension
 import torch
 from comfy_api.latest import ComfyExtension, io
-
-import comfy.patcher_extension
 
 
 class DCMTestConditioning(io.ComfyNode):
