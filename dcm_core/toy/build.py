@@ -20,7 +20,6 @@ Pipeline (every stage is project code; the DCM stages go through the real traine
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import torch
 
 from ..latents import from_model_space
 from ..schedule import FAMILY_WAN
+from ..train.checkpoint import sha256_file
 from . import models as M
 from . import teacher as T
 from . import world
@@ -56,14 +56,6 @@ COMMON = [
 SEMANTIC = ["optim.lr=1e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20"]
 DETAIL = ["optim.lr=2e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20",
           "model.lora_rank=32", "model.lora_alpha=64", "disc.inner_channels=64", "disc.lr=1e-4"]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_dataset(root: Path, clips: int, seed: int) -> Path:
@@ -156,7 +148,7 @@ def build(work: Path, *, teacher_steps: int, semantic_steps: int, detail_steps: 
         _copy_bf16(det / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.DCM_FILE)
         _copy_bf16(vcm / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.VCM_FILE)
         for p in sorted(weights_dir.rglob("*.safetensors")) + [tdst / "config.json"]:
-            manifest["files"][p.relative_to(weights_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            manifest["files"][p.relative_to(weights_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         (weights_dir / M.MANIFEST).write_text(json.dumps(manifest, indent=1))
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
