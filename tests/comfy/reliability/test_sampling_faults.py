@@ -36,7 +36,10 @@ SEED = 21
 # --------------------------------------------------------------------------- helpers
 
 
-def _prompt(dcm, family, *, seed=SEED, latent=None, sigmas=None, batch=1, cond_batch=1, boundary=None, cfg=(1.0, 1.0)):
+def _prompt(dcm, family, *, seed=SEED, latent=None, sigmas=None, batch=1, cond_batch=1, boundary=None, cfg=(1.0, 1.0),
+            path="sampler"):
+    """DCMCheckpointLoader -> DCMRelFault x2 -> DCMDualExpertSampler (path 'sampler') or DCMDualExpertGuider +
+    SamplerCustomAdvanced (path 'guider') -> DCMTestCapture."""
     p = dcm.sampler_prompt(family, seed=seed, batch=batch, cond_batch=cond_batch, boundary=boundary, cfg=cfg)
     p["30"] = {"class_type": "DCMRelFault", "inputs": {"model": ["1", 0], "tag": "semantic"}}
     p["31"] = {"class_type": "DCMRelFault", "inputs": {"model": ["1", 1], "tag": "detail"}}
@@ -48,6 +51,22 @@ def _prompt(dcm, family, *, seed=SEED, latent=None, sigmas=None, batch=1, cond_b
     if sigmas is not None:
         p["33"] = {"class_type": "DCMRelSigmas", "inputs": {"values": sigmas}}
         p["5"]["inputs"]["sigmas"] = ["33", 0]
+    if path == "guider":
+        fam = dcm.families[family]
+        si = p.pop("5")["inputs"]
+        p["10"] = {"class_type": "DCMDualExpertGuider", "inputs": {
+            "semantic_model": si["semantic_model"], "detail_model": si["detail_model"], "positive": si["positive"],
+            "negative": si["negative"], "boundary_timestep": si["boundary_timestep"], "cfg_semantic": cfg[0],
+            "cfg_detail": cfg[1]}}
+        if "sigmas" not in si:
+            p["11"] = {"class_type": "DCMSchedule", "inputs": {"preset": fam.preset, "semantic_steps": 3, "detail_steps": 3,
+                                                              "steps": 6, "boundary_timestep": fam.boundary, "custom_sigmas": ""}}
+        p["12"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        p["13"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}}
+        p["14"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["13", 0], "guider": ["10", 0], "sampler": ["12", 0], "sigmas": si.get("sigmas", ["11", 0]),
+            "latent_image": si["latent_image"]}}
+        p["6"]["inputs"]["samples"] = ["14", 0]
     return p
 
 
@@ -99,25 +118,25 @@ def reference(dcm, faults):
     """Uninterrupted output per family (and cfg)."""
     cache = {}
 
-    def get(family, cfg=(1.0, 1.0)):
-        key = (family, cfg)
+    def get(family, cfg=(1.0, 1.0), seed=SEED):
+        key = (family, cfg, seed)
         if key not in cache:
             faults.reset()
-            cache[key] = dcm.run(_prompt(dcm, family, cfg=cfg))
+            cache[key] = dcm.run(_prompt(dcm, family, cfg=cfg, seed=seed))
         return cache[key]
 
     return get
 
 
-def _recover(dcm, comfy, faults, reference, family, cfg=(1.0, 1.0)):
+def _recover(dcm, comfy, faults, reference, family, cfg=(1.0, 1.0), seed=SEED):
     """After a failed / cancelled run: unpatched weights, and the next clean run equals the reference."""
     from comfy import model_management as mm
 
     assert not mm.processing_interrupted()
     _assert_unpatched(dcm, family)
     faults.reset()
-    again = dcm.run(_prompt(dcm, family, cfg=cfg))
-    assert torch.equal(again, reference(family, cfg)), "the run after the fault is not bit-identical to the reference"
+    again = dcm.run(_prompt(dcm, family, cfg=cfg, seed=seed))
+    assert torch.equal(again, reference(family, cfg, seed)), "the run after the fault is not bit-identical to the reference"
     _assert_unpatched(dcm, family)
 
 
@@ -133,16 +152,17 @@ def _cfgs():
     return [(1.0, 1.0), (2.0, 1.5)] if R.FULL else [(1.0, 1.0)]
 
 
+@pytest.mark.parametrize("seed", [SEED] + ([7, 123456] if R.FULL else []))
 @pytest.mark.parametrize("cfg", _cfgs(), ids=lambda c: f"cfg{c[0]:g}-{c[1]:g}")
 @pytest.mark.parametrize("family", _families())  # make test: Wan; make reliability: both families
-def test_cancel_storm_progress_hook(dcm, comfy, faults, reference, family, cfg):
+def test_cancel_storm_progress_hook(dcm, comfy, faults, reference, family, cfg, seed):
     """Cancel after step k for every k (hijack_progress-style hook), then a clean run: bit-identical."""
     from comfy import model_management as mm
     from comfy import utils as comfy_utils
 
     n_sem, n_det, _ = _split(dcm, family)
     total = n_sem + n_det
-    reference(family, cfg)
+    reference(family, cfg, seed)
     for k in range(total):
         seen = []
 
@@ -157,7 +177,7 @@ def test_cancel_storm_progress_hook(dcm, comfy, faults, reference, family, cfg):
             faults.reset()
             comfy_utils.set_progress_bar_global_hook(hook)
             try:
-                res = comfy.run(_prompt(dcm, family, cfg=cfg))
+                res = comfy.run(_prompt(dcm, family, cfg=cfg, seed=seed))
             finally:
                 comfy_utils.set_progress_bar_global_hook(None)
                 mm.interrupt_current_processing(False)
@@ -165,7 +185,7 @@ def test_cancel_storm_progress_hook(dcm, comfy, faults, reference, family, cfg):
             if cfg == (1.0, 1.0):  # one model call per step (with cfg > 1 ComfyUI may split cond / uncond)
                 assert faults.count() == k + 1, f"{faults.count()} model calls for a cancel after step {k}"
             assert seen[-1] == k + 1
-            _recover(dcm, comfy, faults, reference, family, cfg)
+            _recover(dcm, comfy, faults, reference, family, cfg, seed)
 
 
 @pytest.mark.parametrize("family", _families())
@@ -262,9 +282,9 @@ bad_input = st.one_of(
 )
 
 
-@R.settings(short=14, full=400)
-@given(family=st.sampled_from(FAMILIES), case=bad_input)
-def test_refused_before_any_model_work(dcm, comfy, faults, family, case):
+@R.settings(short=14, full=600)
+@given(family=st.sampled_from(FAMILIES), case=bad_input, path=st.sampled_from(["sampler", "guider"]))
+def test_refused_before_any_model_work(dcm, comfy, faults, family, case, path):
     kind, v = case
     kw: dict = {}
     want = {
@@ -286,16 +306,17 @@ def test_refused_before_any_model_work(dcm, comfy, faults, family, case):
         kw["latent"] = _latent(fill=v[0], bad=v[1])
     with R.case(CAT_REFUSED, f"refused before model work: {kind}"):
         faults.reset()
-        res = comfy.run(_prompt(dcm, family, **kw), check_valid=False)
+        res = comfy.run(_prompt(dcm, family, path=path, **kw), check_valid=False)
         assert not res.success
         if res.node_errors:  # refused at prompt validation (widget range): nothing executed at all
             text = str(res.node_errors)
         else:
             err = _error(res)
-            assert err["node_type"] == "DCMDualExpertSampler", err
+            nodes_ok = {"sampler": ("DCMDualExpertSampler",), "guider": ("DCMDualExpertGuider", "SamplerCustomAdvanced")}[path]
+            assert err["node_type"] in nodes_ok, err
             assert re.search(r"DCM(Sampling|Schedule)Error", err["exception_type"]), err
             text = err["exception_message"]
-            assert text.startswith("DCM Dual-Expert Sampler:") or "DCM" in text[:40], text
+            assert text.startswith(("DCM Dual-Expert Sampler:", "DCM Dual-Expert Guider:")), text
         assert re.search(want, text, re.S), text
         assert faults.count() == 0, f"{faults.count()} model call(s) before the input was refused"
         assert math.isfinite(1.0)
