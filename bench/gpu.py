@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         R["workers"][name] = w
         R["summary"].append(summarise(name, w))
     R["total_s"] = time.perf_counter() - t0
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
     tag = a.tag or ("gpu_cpu_check" if a.cpu else "gpu_latest")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{tag}.json").write_text(json.dumps(R, indent=1, default=str))

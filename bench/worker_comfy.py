@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     sinks = nodes.NODE_CLASS_MAPPINGS["DCMBenchModelSink"].STORE
 
     stock_files = None
+    tiny_dir = None
     if a.model == "tiny":
         from .models import write_tiny
 
-        d = Path(tempfile.mkdtemp(prefix="dcm_bench_tiny_"))
+        d = tiny_dir = Path(tempfile.mkdtemp(prefix="dcm_bench_tiny_"))
         names = write_tiny(d)
         ckpt = h.link_model("diffusion_models", d / "diffusion_models" / names["official"])
         stock_files = (h.link_model("diffusion_models", d / "diffusion_models" / names["semantic"]),
@@ -259,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     mon.__exit__(None, None, None)
     res["rss_peak_process"] = rss.read_status()["hwm"]
     Path(a.out).write_text(json.dumps(res, indent=1))
+    import shutil
+
+    shutil.rmtree(h.base, ignore_errors=True)  # the temporary ComfyUI base (symlinks, outputs)
+    if tiny_dir is not None:
+        shutil.rmtree(tiny_dir, ignore_errors=True)
     return 0
 
 
