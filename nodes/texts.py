@@ -45,7 +45,8 @@ CHECKPOINT_LOADER_NAME = "DCM Checkpoint Loader"
 CHECKPOINT_LOADER_DESC = (
     "Loads a DCM transformer (the official DCM_WAN / DCM_HY diffusion_pytorch_model.safetensors, Wan2.x any size "
     "or HunyuanVideo, or a converted *_semantic file with its *_detail file in models/loras) and returns both "
-    "experts. They share one set of base weights: the detail expert is the semantic one plus its LoRA and its own "
+    "experts. They share one set of base weights: the detail expert is a clone of the semantic one carrying its "
+    "LoRA (applied at forward time, never merged, so switching experts costs no re-patching) and its own "
     "embedder/head as weight patches. Every patch must load, or the node stops with the list of keys that did not."
 )
 CKPT_NAME = "A DCM transformer file in models/diffusion_models."
