@@ -421,6 +421,13 @@ def validate_patches(
                 )
         if ".alpha" in parts and parts[".alpha"] not in ((), (1,)):
             raise DCMFormatError(f"{path}: {stem}.alpha must be a scalar, got shape {parts['.alpha']}.")
+        if has_a != (".alpha" in parts):
+            # every LoRA of a DCM detail file carries its alpha: without it ComfyUI would apply the LoRA at
+            # another scale (alpha = rank), and an alpha without a LoRA belongs to nothing
+            raise DCMFormatError(
+                f"{path}: LoRA {stem!r} has {'no .alpha' if has_a else 'an .alpha but no lora_A / lora_B'}; the file "
+                f"is damaged or was edited. Re-download or re-convert it."
+            )
     if family and dims:
         _check_complete_detail(path, stems, family, dims)
 
