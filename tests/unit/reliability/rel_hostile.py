@@ -402,7 +402,8 @@ def check_bundle(bundle, where: str) -> None:
 def check_detail(det, where: str) -> None:
     for k, v in det.patches.items():
         assert v.is_floating_point() and _nonfinite(v) == 0, f"{where}: patch {k} is {v.dtype} / non-finite"
-    if det.dims.get("num_layers"):
+    counts = ("num_layers",) if det.family == "wan" else ("num_layers", "num_single_layers", "num_refiner_layers")
+    if all(isinstance(det.dims.get(k), int) for k in counts):  # (damaged dcm.dims metadata: nothing to compare with)
         check_detail_complete(det.family, det.dims, det.patches, where)
 
 

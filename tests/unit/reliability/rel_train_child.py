@@ -9,7 +9,8 @@ checkpoint machinery (a real SIGKILL: no ``finally`` runs, no atexit, no flush).
 * ``manifest:N``          — after the N-th checkpoint's MANIFEST.json is written and synced, before
                             the folder is renamed into place;
 * ``published:N``         — right after the N-th checkpoint folder was renamed into place (before rotation);
-* ``step:N``              — at the start of optimisation step N (between checkpoints).
+* ``step:N``              — at the start of optimisation step N (between checkpoints);
+* ``rotate:N``            — in the N-th deletion of an old checkpoint by rotation, after its first file.
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def arm(spec: str) -> None:
             return __orig(self)
 
         tr.DCMTrainer.train_step = step
+    elif kind == "rotate":
+        import shutil
+
+        orig = shutil.rmtree
+        count["rotate"] = 0
+
+        def rmtree(path, *a, __orig=orig, **k):
+            if ck.CKPT_RE.match(Path(path).name):
+                count["rotate"] += 1
+                if count["rotate"] == target:
+                    first = sorted(Path(path).iterdir())[0]
+                    first.unlink()
+                    _die()
+            return __orig(path, *a, **k)
+
+        shutil.rmtree = rmtree
     else:
         raise SystemExit(f"unknown kill spec {spec!r}")
 

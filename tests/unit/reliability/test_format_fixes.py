@@ -162,3 +162,20 @@ def test_absurd_block_count_is_refused_quickly(world, tmp_path, seed, where):
         with pytest.raises(DCMFormatError, match=r"block count of \d+ is implausible") as ei:
             load_experts(p)
     assert p.name in str(ei.value)
+
+
+@pytest.mark.parametrize("change", ["drop_alpha", "move_alpha"])
+def test_detail_lora_needs_its_alpha(world, tmp_path, change):
+    """Bug 8: a detail file whose LoRA lost its .alpha (ComfyUI would then use scale 1 instead of alpha/rank),
+    or with an .alpha belonging to no LoRA, loaded silently."""
+    s = world.seed("detail_hy")
+    key = "diffusion_model.double_blocks.0.img_attn.proj.alpha"
+    hdr = json.loads(s.raw.header_bytes)
+    if change == "drop_alpha":
+        blob = H.rebuild(s.raw, [k for k in s.raw.tensors if k != key])
+    else:
+        hdr = {(key.replace(".0.", ".7.") if k == key else k): v for k, v in hdr.items()}
+        blob = H.pack_raw(json.dumps(hdr).encode(), s.raw.data)
+    p = _case(tmp_path, s, blob)
+    with pytest.raises(DCMFormatError, match=r"double_blocks\.\d\.img_attn\.proj' has (no \.alpha|an \.alpha but no lora_A)"):
+        load_detail_expert(p)

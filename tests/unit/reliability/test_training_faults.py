@@ -192,8 +192,12 @@ def test_sigkill_anywhere_then_resume_latest(ref, tmp_path_factory, spec):
         rc = _spawn(spec, cfg_file, run, ref["seconds"])
         ckroot = run / "checkpoints"
         published = ck.list_checkpoints(ckroot)
-        for step, path in published:  # atomic publication: a checkpoint folder is complete or absent
-            assert ck.verify_checkpoint(path) is None, (path.name, ck.verify_checkpoint(path))
+        keep = cfg.checkpoint.keep
+        for i, (step, path) in enumerate(published):
+            # atomic publication: a checkpoint folder is complete or absent -- except one that rotation was
+            # deleting when the kill came (older than `keep` newer ones; see test_kill_during_rotation)
+            if i < keep:
+                assert ck.verify_checkpoint(path) is None, (path.name, ck.verify_checkpoint(path))
         latest = ck.find_latest_valid(ckroot)
         if rc == 0:
             assert latest is not None and latest.name == f"checkpoint-{STEPS:08d}"
@@ -203,12 +207,32 @@ def test_sigkill_anywhere_then_resume_latest(ref, tmp_path_factory, spec):
             tr = DCMTrainer(cfg)  # nothing to resume: a fresh start
         else:
             tr = DCMTrainer(cfg, resume="latest")
-            assert tr.global_step == published[0][0], (tr.global_step, [p.name for _, p in published])
+            assert latest == published[0][1] and tr.global_step == published[0][0], (tr.global_step, latest)
         tr.train()
         _assert_identical(ref["final"], _final_tensors(run), f"kill at {spec}")
         leftovers = sorted(p.name for p in ckroot.iterdir() if p.name.startswith((".tmp-", ".old-")))
         assert not leftovers, f"temporary checkpoint folders left after the resumed run: {leftovers}"
         assert len(ck.list_checkpoints(ckroot)) <= 2  # rotation still applies after a kill
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug in dcm_core/train/checkpoint.py (trainer, still in progress): rotate() deletes an old checkpoint with "
+    "shutil.rmtree in place, so a kill during rotation leaves a half-deleted folder under its final name "
+    "checkpoint-NNNNNNNN. Harmless for --resume latest (a newer complete checkpoint exists and the broken one is "
+    "skipped with a warning, then rotated away), but it breaks 'a published checkpoint is complete or absent' and "
+    "can make a fallback fail later. Fix: os.replace it to .old-checkpoint-… first, then rmtree (as commit() does)."))
+def test_kill_during_rotation_leaves_no_half_deleted_checkpoint(ref, tmp_path):
+    from dcm_core.train import checkpoint as ck
+
+    run = tmp_path / "B"
+    cfg = _cfg(ref["data"], run, checkpoint__keep=2)
+    cfg_file = tmp_path / "b.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    with R.case(CAT_KILL, "SIGKILL inside checkpoint rotation (known bug, xfail)"):
+        rc = _spawn(("rotate", 1), cfg_file, run, ref["seconds"])
+        assert rc == -signal.SIGKILL
+        broken = [p.name for _, p in ck.list_checkpoints(run / "checkpoints") if ck.verify_checkpoint(p) is not None]
+        assert not broken, f"half-deleted checkpoint(s) under a final name: {broken}"
 
 
 # --------------------------------------------------------------------------- corrupted checkpoints
