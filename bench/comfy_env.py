@@ -89,42 +89,13 @@ class Harness:
 def boot(*, pack: str | os.PathLike | None = None, cpu: bool = True, lowvram: bool = False,
          reserve_vram: float | None = None, base: Path | None = None, threads: int | None = None) -> Harness:
     """Boot ComfyUI in this process; ``pack`` = the node pack folder to load (default: this repo)."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    sys.path.insert(0, str(comfy_path()))
-    from comfy.cli_args import args
-
-    args.cpu = cpu
-    args.lowvram = lowvram
-    if reserve_vram is not None:
-        args.reserve_vram = reserve_vram
-    args.disable_api_nodes = True
-    import folder_paths
-    import utils.install_util  # noqa: F401  (import-order trap, testing-on-cpu.md §4.1)
+    from tools.comfy_inprocess import boot_comfyui
 
     base = Path(base or tempfile.mkdtemp(prefix="dcm_bench_comfy_"))
-    for sub in ("output", "temp", "input", "user"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.set_temp_directory(str(base / "temp"))
-    folder_paths.set_input_directory(str(base / "input"))
-    if hasattr(folder_paths, "set_user_directory"):
-        folder_paths.set_user_directory(str(base / "user"))
-    for kind in ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints"):
-        d = base / "models" / kind
-        d.mkdir(parents=True, exist_ok=True)
-        folder_paths.add_model_folder_path(kind, str(d), is_default=True)
-    custom = base / "custom_nodes"
-    custom.mkdir(exist_ok=True)
-    os.symlink(os.path.realpath(pack or ROOT), custom / PACK_DIR_NAME)
-    os.symlink(BENCH_NODES, custom / "dcm_bench_nodes")
-    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
-
+    boot_comfyui(comfy_path(), base, {PACK_DIR_NAME: pack or ROOT, "dcm_bench_nodes": BENCH_NODES}, cpu=cpu,
+                 lowvram=lowvram, reserve_vram=reserve_vram, threads=threads)
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     missing = [n for n in ("DCMCheckpointLoader", "DCMDualExpertSampler", "DCMBenchCallTimer") if n not in nodes.NODE_CLASS_MAPPINGS]
     if missing:
         raise RuntimeError(f"ComfyUI did not load {missing} (see the log for 'Cannot import')")

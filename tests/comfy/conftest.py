@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,39 +107,11 @@ class ComfyHarness:
 
 
 def _boot(base: Path, comfy_path: Path) -> ComfyHarness:
-    import torch
+    from tools.comfy_inprocess import boot_comfyui
 
     # Tiny models on shared CPU cores: intra-op threads only add contention (measured 14× slower
     # per sampling step with 2 threads on a loaded 2-core box).
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(comfy_path))
-    from comfy.cli_args import args
-
-    args.cpu = True
-    args.disable_api_nodes = True
-    import folder_paths
-    import utils.install_util  # noqa: F401  (import-order trap, testing-on-cpu.md §4.1)
-
-    for sub in ("output", "temp", "input", "user"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.set_temp_directory(str(base / "temp"))
-    folder_paths.set_input_directory(str(base / "input"))
-    if hasattr(folder_paths, "set_user_directory"):
-        folder_paths.set_user_directory(str(base / "user"))
-    for kind in ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints"):
-        d = base / "models" / kind
-        d.mkdir(parents=True, exist_ok=True)
-        folder_paths.add_model_folder_path(kind, str(d), is_default=True)
-    custom = base / "custom_nodes"
-    custom.mkdir(exist_ok=True)
-    os.symlink(ROOT, custom / PACK_DIR_NAME)
-    os.symlink(TEST_NODES, custom / "dcm_testing_nodes")
-    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
-
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    boot_comfyui(comfy_path, base, {PACK_DIR_NAME: ROOT, "dcm_testing_nodes": TEST_NODES}, threads=1)
     return ComfyHarness(base)
 
 

@@ -1,0 +1,70 @@
+"""Boot a ComfyUI work tree inside this Python process (testing-on-cpu.md §4).
+
+Shared by the comfy test tier (tests/comfy/conftest.py) and the benchmarks (bench/comfy_env.py).
+Order matters: ComfyUI's ``args`` must be set before ``comfy.model_management`` is imported, and
+``utils.install_util`` must be imported before ``nodes`` (nodes.py puts ``comfy/`` first on
+``sys.path``, after which ``utils`` resolves to ``comfy/utils.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+MODEL_KINDS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints")
+
+
+def boot_comfyui(
+    comfy_path: str | os.PathLike,
+    base: str | os.PathLike,
+    custom_nodes: dict[str, str | os.PathLike],
+    *,
+    cpu: bool = True,
+    lowvram: bool = False,
+    reserve_vram: float | None = None,
+    threads: int | None = None,
+) -> Path:
+    """Set ComfyUI up with ``base`` as its base directory and load ``custom_nodes``.
+
+    ``custom_nodes`` maps a folder name under ``base/custom_nodes`` to the pack to symlink there.
+    Returns ``base``. Only one ComfyUI can be booted per process.
+    """
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    sys.path.insert(0, str(comfy_path))
+    from comfy.cli_args import args
+
+    args.cpu = cpu
+    args.lowvram = lowvram
+    if reserve_vram is not None:
+        args.reserve_vram = reserve_vram
+    args.disable_api_nodes = True
+    import folder_paths
+    import utils.install_util  # noqa: F401  (import-order trap)
+
+    base = Path(base)
+    for sub in ("output", "temp", "input", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    folder_paths.set_input_directory(str(base / "input"))
+    if hasattr(folder_paths, "set_user_directory"):
+        folder_paths.set_user_directory(str(base / "user"))
+    for kind in MODEL_KINDS:
+        d = base / "models" / kind
+        d.mkdir(parents=True, exist_ok=True)
+        folder_paths.add_model_folder_path(kind, str(d), is_default=True)
+    custom = base / "custom_nodes"
+    custom.mkdir(exist_ok=True)
+    for name, src in custom_nodes.items():
+        os.symlink(os.path.realpath(src), custom / name)
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    return base
