@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+from safetensors import SafetensorError
 
-from .errors import DCMConfigError, DCMError, DCMUnsupportedFileError
+from .errors import DCMConfigError, DCMError, DCMUnsupportedFileError, DCMWriteError
 from .formats import keymaps as km
 from .formats.detect import KIND_OFFICIAL, ROLE_DETAIL, ROLE_SEMANTIC, FileInfo, info_from_header, unsupported_message
 from .formats.experts import (
@@ -49,12 +50,7 @@ from .formats.safetensors_io import (
 
 log = logging.getLogger("DCM.formats")
 
-class DCMWriteError(DCMError, OSError):
-    """The converted files could not be written (disk full, no permission...); nothing was left behind."""
-
-    def __str__(self) -> str:
-        return str(self.args[1]) if len(self.args) > 1 else super().__str__()
-
+# DCMWriteError lives in dcm_core.errors; it is imported above, so ``dcm_core.convert.DCMWriteError`` still works.
 
 SEMANTIC_SUFFIX = "_semantic.safetensors"
 DETAIL_SUFFIX = "_detail_expert.safetensors"
@@ -232,13 +228,15 @@ def _write_pair(
         os.replace(tmp_sem, sem_path)
         os.replace(tmp_det, det_path)
         ok = True
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         if isinstance(e, DCMError):
             raise
+        code, reason = DCMWriteError.describe(e)
         raise DCMWriteError(
-            e.errno,
-            f"{out}: cannot write the converted files ({e.strerror or e}); nothing was written. Free some space or "
+            code,
+            f"{out}: cannot write the converted files ({reason}); nothing was written. Free some space or "
             f"choose another --out-dir (both files together need about {total / 2**20:.0f} MiB).",
+            reason=reason,
         ) from e
     finally:
         if bar is not None:

@@ -9,6 +9,9 @@ and say what to do about it.
 
 from __future__ import annotations
 
+import errno as _errno
+import re
+
 
 class DCMError(Exception):
     """Base class of every error raised on purpose by the DCM pack."""
@@ -50,6 +53,43 @@ class DCMCheckpointError(DCMError, RuntimeError):
     """A training checkpoint is missing, incomplete or corrupted."""
 
 
+class DCMWriteError(DCMError, OSError):
+    """Output files could not be written (disk full, no permission, read-only folder...).
+
+    Raised only after the partial output was removed: nothing is left under the final names. Also an
+    :class:`OSError` (``.errno`` is the underlying error number when known, e.g. ``errno.ENOSPC``), so
+    code that catches ``OSError`` around a write keeps working. ``str()`` is the message alone.
+    """
+
+    def __init__(self, errno: int | None, message: str, *, reason: str | None = None) -> None:
+        super().__init__(errno, message)
+        #: the underlying cause alone, e.g. "No space left on device"
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.args[1]) if len(self.args) > 1 else super().__str__()
+
+    @staticmethod
+    def describe(exc: BaseException) -> tuple[int | None, str]:
+        """``(errno, reason)`` of a failed write: an :class:`OSError`, safetensors' ``SafetensorError``
+        (whose text carries the OS error, e.g. ``... No space left on device (os error 28)``) or a
+        nested :class:`DCMWriteError` (its own underlying reason)."""
+        if isinstance(exc, DCMWriteError):
+            return exc.errno, exc.reason or str(exc)
+        if isinstance(exc, OSError):
+            return exc.errno, exc.strerror or str(exc)
+        text = str(exc)
+        m = re.search(r"os error (\d+)|code: (\d+)", text)
+        code = int(m.group(1) or m.group(2)) if m else None
+        if code is None and ("No space left" in text or "StorageFull" in text):
+            code = _errno.ENOSPC
+        if code is not None:
+            import os
+
+            return code, os.strerror(code)
+        return None, text
+
+
 __all__ = [
     "DCMError",
     "DCMFileNotFoundError",
@@ -61,4 +101,5 @@ __all__ = [
     "DCMConfigError",
     "DCMSamplingError",
     "DCMCheckpointError",
+    "DCMWriteError",
 ]
