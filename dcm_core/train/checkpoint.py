@@ -15,10 +15,22 @@ Writes go to ``.tmp-checkpoint-…`` and the folder is renamed into place only a
 manifest is fsync'ed, so a run killed at any moment leaves either a complete checkpoint or
 none. :func:`find_latest_valid` re-hashes the files and skips (with a warning) a newest
 checkpoint that is incomplete or corrupted. ``torch.save`` / ``torch.load`` (pickle) are never used.
+
+Hidden folders beside the checkpoints (never listed as checkpoints):
+
+* ``.tmp-checkpoint-…``   a write in progress (or killed): removed when the run resumes;
+* ``.trash/checkpoint-…`` an old checkpoint being deleted by :func:`rotate` — it is renamed there
+  atomically first, so a kill in the middle of the deletion never leaves a half-deleted folder under
+  a published name; leftovers are removed on resume and by the next rotation;
+* ``.old-checkpoint-…``   a checkpoint being replaced by a re-written one of the same step (same idea);
+* ``.broken-checkpoint-…`` a damaged checkpoint newer than the one a run resumed from, moved aside so
+  that "latest" and rotation never pick it again. Only the newest one is kept (for a post-mortem of
+  what damaged it); older ones are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +50,11 @@ log = logging.getLogger("DCM.train")
 
 MANIFEST = "MANIFEST.json"
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+BROKEN_RE = re.compile(r"^\.broken-checkpoint-(\d+)$")
+TRASH = ".trash"
 FORMAT_VERSION = 1
+#: how many damaged checkpoints moved aside on resume are kept (the newest), for a post-mortem
+KEEP_BROKEN = 1
 
 
 def checkpoint_name(step: int) -> str:
@@ -49,6 +65,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def _fsync_dir(path: Path) -> None:
+    _sync_dir(path)
+
+
+def _sync_dir(path: Path) -> None:
+    """fsync a folder (its entries: renames, creations). Best effort."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -243,15 +264,20 @@ def verify_checkpoint(path: Path) -> str | None:
     if not mf.is_file():
         return "no MANIFEST.json (the write did not finish)"
     try:
+        # ValueError covers a non-UTF-8 byte (UnicodeDecodeError) and bad JSON (JSONDecodeError)
         manifest = load_json(mf)
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         return f"MANIFEST.json is unreadable ({e})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return "MANIFEST.json is unreadable (no 'files' table of {name: {sha256, bytes}})"
     for name in ("trainer_state.json", "trainable.safetensors"):
         if name not in files:
             return f"{name} is not listed in the manifest"
     for name, info in files.items():
         f = path / name
+        if not name or Path(name).name != name:
+            return f"the manifest lists {name!r}, which is not a file of this folder"
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != info.get("bytes"):
@@ -304,13 +330,81 @@ def resolve_resume(resume: str, root: Path) -> Path:
     return p
 
 
+def _discard(root: Path, path: Path) -> None:
+    """Delete a checkpoint folder without ever leaving it half-deleted under its published name:
+    rename it into ``root/.trash/`` (atomic, same file system), make the rename durable, then delete."""
+    trash = root / TRASH
+    trash.mkdir(exist_ok=True)
+    dest = trash / path.name
+    if dest.exists():  # a leftover of an earlier, interrupted deletion
+        shutil.rmtree(dest, ignore_errors=True)
+    os.replace(path, dest)
+    _sync_dir(root)
+    shutil.rmtree(dest, ignore_errors=True)
+
+
+def _remove_trash(root: Path) -> None:
+    """Leftovers of interrupted deletions / replacements (never checkpoints anyone can resume from)."""
+    trash = root / TRASH
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    for p in root.glob(".old-checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def rotate(root: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints (0 keeps all); stale temp folders too."""
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all), and leftovers of earlier deletions.
+
+    Each old checkpoint is first renamed into ``.trash/`` and deleted there, so a kill at any moment
+    leaves every ``checkpoint-*`` folder complete (or gone)."""
+    root = Path(root)
     removed = []
+    if not root.is_dir():
+        return removed
+    _remove_trash(root)
     if keep > 0:
         for _, path in list_checkpoints(root)[keep:]:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(root, path)
             removed.append(path)
-    for p in Path(root).glob(".old-checkpoint-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    trash = root / TRASH
+    with contextlib.suppress(OSError):
+        trash.rmdir()
     return removed
+
+
+def set_aside_broken(root: Path, path: Path) -> Path:
+    """Move a damaged checkpoint out of the published names to ``.broken-checkpoint-…`` (see module doc)."""
+    root = Path(root)
+    broken = root / f".broken-{Path(path).name}"
+    if broken.exists():
+        shutil.rmtree(broken, ignore_errors=True)
+    os.replace(path, broken)
+    return broken
+
+
+def prune_broken(root: Path, keep: int = KEEP_BROKEN) -> list[Path]:
+    """Keep only the newest ``keep`` ``.broken-checkpoint-…`` folders (by step); returns the removed ones."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := BROKEN_RE.match(p.name)) and p.is_dir()), reverse=True)
+    removed = []
+    for _, p in found[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def clean_for_resume(root: Path) -> list[str]:
+    """Before a resume (main process, nothing else writing): remove what interrupted writes, deletions
+    and replacements left behind — ``.tmp-checkpoint-*``, ``.trash/``, ``.old-checkpoint-*`` — and all
+    but the newest ``.broken-checkpoint-*``. Published checkpoints are not touched. Returns the names."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    gone = [p.name for p in root.iterdir() if p.name == TRASH or p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-"))]
+    for p in root.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    _remove_trash(root)
+    gone += [p.name for p in prune_broken(root)]
+    return sorted(gone)

@@ -17,7 +17,9 @@ Output folder (default ``RUN_DIR/export``)::
     export_info.json
 
 Everything is written into a temporary folder beside the destination and renamed into place
-at the end: a failure leaves no half-written export.
+at the end: a failure leaves no half-written export (and a previous export stays as it was).
+A write that fails (disk full, no permission) ends in a :class:`~dcm_core.errors.DCMWriteError`
+naming the output folder and the reason; the CLI prints it as an ``error:`` line, exit code 2.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DCMCheckpointError, DCMConfigError
+from safetensors import SafetensorError
+
+from ..errors import DCMCheckpointError, DCMConfigError, DCMError, DCMWriteError
 from ..modeling import DETAIL_ADAPTER, LORA_TARGET_MODULES, family_of_model
 from . import checkpoint as ck
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig, from_dict
@@ -66,12 +70,12 @@ def export_model(
     tdtype = DTYPES[dtype_s]
     native = cfg.export.native if native is None else native
     family = family_of_model(student)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     result: dict[str, str] = {}
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tdir = tmp / "transformer"
         tdir.mkdir(parents=True)
         student.save_config(str(tdir))
@@ -129,15 +133,38 @@ def export_model(
         if out.exists():
             old = out.parent / f".old-{out.name}-{os.getpid()}"
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the previous export back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DCMError) and not isinstance(e, DCMWriteError):
+            raise
+        code, reason = DCMWriteError.describe(e)
+        kept = "a previous export there is unchanged" if out.exists() else "nothing was written"
+        raise DCMWriteError(
+            code,
+            f"{out}: cannot write the export ({reason}); {kept}. Free some space in {out.parent} or choose another "
+            f"folder with --out (the export needs about {_export_bytes(student, tdtype, cfg, native) / 2**20:.0f} MiB).",
+            reason=reason,
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s stage to %s: %s", cfg.stage, out, ", ".join(f"{k}={Path(v).name}" for k, v in result.items()))
     return result
+
+
+def _export_bytes(student: nn.Module, dtype: torch.dtype, cfg: TrainConfig, native: bool) -> int:
+    """Rough size of an export: the transformer file, plus about as much again for the pack-native pair."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    n = sum(t.numel() for t in student.state_dict().values()) * itemsize
+    return n * 2 if cfg.stage == STAGE_DETAIL and native else n
 
 
 def export_from_trainer(trainer: Any) -> dict[str, str]:

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,11 +316,13 @@ class DCMTrainer:
             resumed_step = int(ck.CKPT_RE.match(path.name).group(1)) if ck.CKPT_RE.match(path.name) else -1
             for step, other in ck.list_checkpoints(self.ckpt_root):
                 if step > resumed_step and ck.verify_checkpoint(other) is not None:
-                    broken = other.with_name(f".broken-{other.name}")
-                    if broken.exists():
-                        shutil.rmtree(broken, ignore_errors=True)
-                    os.replace(other, broken)
+                    broken = ck.set_aside_broken(self.ckpt_root, other)
                     log.warning("moved the damaged %s aside to %s", other.name, broken.name)
+            # leftovers of the interrupted run: temp folders of unfinished writes, half-deleted old
+            # checkpoints in .trash/, older .broken-* folders (only the newest one is kept)
+            cleaned = ck.clean_for_resume(self.ckpt_root)
+            if cleaned:
+                log.info("removed leftovers of the interrupted run: %s", ", ".join(cleaned))
         self.accelerator.wait_for_everyone()
         state = ck.load_json(path / "trainer_state.json")
         saved = state.get("config", {})
@@ -824,6 +825,10 @@ class DCMTrainer:
         sps = (self.global_step - s_start) / elapsed if elapsed > 0 else 0.0
         if last_saved != self.global_step:
             self.save_checkpoint()
+        elif self.is_main and s_start == self.global_step:
+            # resumed at the last step (killed after publishing it, before rotating): nothing to save, but
+            # the keep limit applies as after every save
+            ck.rotate(self.ckpt_root, self.cfg.checkpoint.keep)
         exported: dict[str, str] = {}
         if cfg.export.at_end:
             acc.wait_for_everyone()

@@ -2,8 +2,8 @@
 
 * SIGKILL: the trainer runs as a subprocess (``python -m dcm_core train`` through rel_train_child.py)
   and is killed — inside a checkpoint write (after the n-th file of the temp folder), between the
-  manifest and the rename, right after a checkpoint is published, between steps, or at a random wall
-  time. Afterwards every published checkpoint verifies (atomic publication), ``--resume latest`` picks
+  manifest and the rename, right after a checkpoint is published, between steps, inside the deletion
+  of an old checkpoint by rotation, or at a random wall time. Afterwards every published checkpoint verifies (atomic publication), ``--resume latest`` picks
   the newest complete one, and the continued run ends with tensors *identical* (torch.equal) to an
   uninterrupted run with the same seed: weights, EMA, discriminator, both optimizers, RNG states.
   A kill before the first checkpoint is complete leaves nothing to resume: ``--resume latest`` says so
@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, Phase, example, given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from dcm_core.errors import DCMCheckpointError
+from dcm_core.errors import DCMCheckpointError, DCMWriteError
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -193,11 +193,10 @@ def test_sigkill_anywhere_then_resume_latest(ref, tmp_path_factory, spec):
         ckroot = run / "checkpoints"
         published = ck.list_checkpoints(ckroot)
         keep = cfg.checkpoint.keep
-        for i, (step, path) in enumerate(published):
-            # atomic publication: a checkpoint folder is complete or absent -- except one that rotation was
-            # deleting when the kill came (older than `keep` newer ones; see test_kill_during_rotation)
-            if i < keep:
-                assert ck.verify_checkpoint(path) is None, (path.name, ck.verify_checkpoint(path))
+        for step, path in published:
+            # atomic publication and deletion: a checkpoint folder is complete or absent
+            assert ck.verify_checkpoint(path) is None, (path.name, ck.verify_checkpoint(path))
+        assert len(published) <= keep + 1  # a kill between publishing and rotating leaves one more
         latest = ck.find_latest_valid(ckroot)
         if rc == 0:
             assert latest is not None and latest.name == f"checkpoint-{STEPS:08d}"
@@ -208,34 +207,43 @@ def test_sigkill_anywhere_then_resume_latest(ref, tmp_path_factory, spec):
         else:
             tr = DCMTrainer(cfg, resume="latest")
             assert latest == published[0][1] and tr.global_step == published[0][0], (tr.global_step, latest)
-        nothing_left = tr.global_step == STEPS
         tr.train()
         _assert_identical(ref["final"], _final_tensors(run), f"kill at {spec}")
-        leftovers = sorted(p.name for p in ckroot.iterdir() if p.name.startswith((".tmp-", ".old-")))
+        leftovers = sorted(p.name for p in ckroot.iterdir() if p.name.startswith((".tmp-", ".old-", ".trash", ".broken-")))
         assert not leftovers, f"temporary checkpoint folders left after the resumed run: {leftovers}"
-        # rotation still applies after a kill (it runs after a save: a run resumed at its last step saves
-        # nothing, so a kill between publishing the last checkpoint and rotating leaves keep + 1)
-        assert len(ck.list_checkpoints(ckroot)) <= cfg.checkpoint.keep + (1 if nothing_left else 0)
+        # rotation applies after a kill, also when the run resumed at its last step and saved nothing
+        assert len(ck.list_checkpoints(ckroot)) <= cfg.checkpoint.keep
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in dcm_core/train/checkpoint.py (trainer, still in progress): rotate() deletes an old checkpoint with "
-    "shutil.rmtree in place, so a kill during rotation leaves a half-deleted folder under its final name "
-    "checkpoint-NNNNNNNN. Harmless for --resume latest (a newer complete checkpoint exists and the broken one is "
-    "skipped with a warning, then rotated away), but it breaks 'a published checkpoint is complete or absent' and "
-    "can make a fallback fail later. Fix: os.replace it to .old-checkpoint-… first, then rmtree (as commit() does)."))
 def test_kill_during_rotation_leaves_no_half_deleted_checkpoint(ref, tmp_path):
+    """Rotation renames an old checkpoint into checkpoints/.trash/ before deleting it: a SIGKILL in the middle
+    of the deletion leaves every published checkpoint complete, and the resumed run removes the leftover."""
     from dcm_core.train import checkpoint as ck
+    from dcm_core.train.trainer import DCMTrainer
 
     run = tmp_path / "B"
     cfg = _cfg(ref["data"], run, checkpoint__keep=2)
     cfg_file = tmp_path / "b.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
-    with R.case(CAT_KILL, "SIGKILL inside checkpoint rotation (known bug, xfail)"):
+    ckroot = run / "checkpoints"
+    with R.case(CAT_KILL, "SIGKILL inside checkpoint rotation, then --resume latest to the end"):
         rc = _spawn(("rotate", 1), cfg_file, run, ref["seconds"])
-        assert rc == -signal.SIGKILL
-        broken = [p.name for _, p in ck.list_checkpoints(run / "checkpoints") if ck.verify_checkpoint(p) is not None]
+        assert rc == -signal.SIGKILL, "the child was not killed inside the rotation"
+        published = ck.list_checkpoints(ckroot)
+        assert [s for s, _ in published] == [3, 2], published
+        broken = [p.name for _, p in published if ck.verify_checkpoint(p) is not None]
         assert not broken, f"half-deleted checkpoint(s) under a final name: {broken}"
+        # the kill came inside the deletion: the half-deleted folder is in the trash, under no published name
+        half = ckroot / ck.TRASH / "checkpoint-00000001"
+        assert half.is_dir() and ck.verify_checkpoint(half) is not None
+        warnings: list[str] = []
+        assert ck.find_latest_valid(ckroot, warn=warnings.append) == ckroot / "checkpoint-00000003" and not warnings
+        tr = DCMTrainer(cfg, resume="latest")
+        assert tr.global_step == 3
+        assert not (ckroot / ck.TRASH).exists(), "resume did not remove the half-deleted leftover"
+        tr.train()
+        _assert_identical(ref["final"], _final_tensors(run), "kill during rotation")
+        assert sorted(p.name for p in ckroot.iterdir()) == ["checkpoint-00000003", "checkpoint-00000004"]
 
 
 # --------------------------------------------------------------------------- corrupted checkpoints
@@ -263,9 +271,8 @@ def _corrupt(ckpt: Path, how: str, rnd: random.Random) -> str:
     if how == "flip":
         i = rnd.randrange(len(data))
         b = bytearray(data)
-        # MANIFEST.json is parsed before any hash is checked; a non-UTF-8 manifest is the known bug of
-        # test_non_utf8_manifest_is_skipped (xfail): keep manifest flips inside ASCII here
-        b[i] ^= 1 << rnd.randrange(7 if name == "MANIFEST.json" else 8)
+        # any bit, also in MANIFEST.json (a flipped high bit there makes it non-UTF-8: skipped as unreadable)
+        b[i] ^= 1 << rnd.randrange(8)
         _rewrite(p, bytes(b))
     elif how == "truncate":
         _rewrite(p, data[: rnd.randrange(len(data))])
@@ -316,15 +323,12 @@ def test_corrupted_newest_checkpoint_is_skipped(ref, tmp_path_factory, how, n_ba
             _assert_identical(ref["final"], _final_tensors(run), f"resume after {damage}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in dcm_core/train/checkpoint.py (trainer, still in progress): verify_checkpoint() parses MANIFEST.json "
-    "with read_text(encoding='utf-8') and catches only JSONDecodeError/KeyError/TypeError, so a manifest with a "
-    "non-UTF-8 byte (one flipped high bit) raises UnicodeDecodeError out of find_latest_valid() and "
-    "--resume latest crashes instead of skipping the damaged checkpoint. Fix: catch ValueError (or read bytes)."))
 def test_non_utf8_manifest_is_skipped(ref, tmp_path):
+    """A MANIFEST.json with a non-UTF-8 byte is an unreadable manifest: skipped with a warning (it used to
+    raise UnicodeDecodeError out of find_latest_valid, crashing --resume latest)."""
     from dcm_core.train import checkpoint as ck
 
-    with R.case(CAT_CORRUPT, "newest MANIFEST.json with a non-UTF-8 byte (known bug, xfail)"):
+    with R.case(CAT_CORRUPT, "newest MANIFEST.json with a non-UTF-8 byte"):
         _link_copy(ref["run"] / "checkpoints", tmp_path / "checkpoints")
         newest = ck.list_checkpoints(tmp_path / "checkpoints")[0][1]
         mf = newest / "MANIFEST.json"
@@ -334,7 +338,7 @@ def test_non_utf8_manifest_is_skipped(ref, tmp_path):
         warnings: list[str] = []
         found = ck.find_latest_valid(tmp_path / "checkpoints", warn=warnings.append)
         assert found is not None and found.name == f"checkpoint-{STEPS - 1:08d}"
-        assert newest.name in warnings[0]
+        assert len(warnings) == 1 and newest.name in warnings[0] and "MANIFEST.json is unreadable" in warnings[0], warnings
 
 
 def test_every_checkpoint_damaged_is_a_clear_error(ref, tmp_path):
@@ -476,22 +480,21 @@ def test_disk_full_during_export_leaves_nothing_half_written(ref, export_size, t
                 sem = next(out.glob("*_semantic.safetensors"))
                 load_experts(sem)
             else:
-                assert "No space left" in str(err) or getattr(err, "errno", None) == errno.ENOSPC, repr(err)
+                # a DCMWriteError (also an OSError) naming the output folder and the reason
+                assert isinstance(err, DCMWriteError) and isinstance(err, OSError), repr(err)
+                assert err.errno == errno.ENOSPC and "No space left" in str(err) and str(out) in str(err), repr(err)
                 if previous:
                     assert _tree_digest(out) == old_digest, "the previous export was damaged by the failed one"
                 else:
                     assert not out.exists(), f"a half-written export exists under the final name: {sorted(out.rglob('*'))}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in dcm_core/train/export.py (trainer, still in progress): on a full disk `python -m dcm_core export` "
-    "ends with a traceback (safetensors' SafetensorError / OSError are not DCMErrors), not an `error:` line. "
-    "Nothing half-written is left (test_disk_full_during_export_leaves_nothing_half_written); only the message "
-    "is missing. Fix: turn OSError / SafetensorError while writing the export into a DCMError naming the folder."))
 def test_export_cli_on_a_full_disk_says_so(ref, tmp_path, capsys):
+    """A full disk during ``python -m dcm_core export`` is a DCMWriteError (also an OSError) naming the output
+    folder: an ``error:`` line and exit code 2, no traceback, nothing left on the volume."""
     from dcm_core import cli
 
-    with R.case(CAT_DISK, "python -m dcm_core export on a full disk: error line, no traceback (known bug, xfail)"):
+    with R.case(CAT_DISK, "python -m dcm_core export on a full disk: error line, no traceback"):
         vol = tmp_path / "vol"
         cm = _tmpfs(vol, 64 * 1024) if MOUNT else contextlib.nullcontext(vol.mkdir())
         fault = contextlib.nullcontext() if MOUNT else _enospc_after(64 * 1024)
@@ -503,3 +506,4 @@ def test_export_cli_on_a_full_disk_says_so(ref, tmp_path, capsys):
         err = capsys.readouterr().err
         assert left == [], left
         assert code == 2 and err.startswith("error: ") and "No space left" in err, err
+        assert "Traceback" not in err and str(vol / "export") in err, err

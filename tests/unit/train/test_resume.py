@@ -106,13 +106,92 @@ def test_corrupted_newest_checkpoint_is_skipped(tmp_path, th, caplog):
     assert "checkpoint-00000003" in caplog.text and "checkpoint-00000002" in caplog.text
     tr = DCMTrainer(cfg, resume="latest")
     assert tr.global_step == 1
-    # the damaged newer checkpoints were moved aside, so rotation / "latest" never pick them again
+    # the damaged newer checkpoints were moved aside, so rotation / "latest" never pick them again; only the
+    # newest one is kept for a post-mortem, and the killed write's temp folder is gone
     assert [p.name for _, p in ck.list_checkpoints(root)] == ["checkpoint-00000001"]
-    assert (root / ".broken-checkpoint-00000003").is_dir()
+    assert sorted(p.name for p in root.iterdir()) == [".broken-checkpoint-00000003", "checkpoint-00000001"]
     with pytest.raises(DCMCheckpointError):
         ck.resolve_resume(str(newest), root)
     with pytest.raises(DCMCheckpointError):
         ck.resolve_resume("latest", tmp_path / "empty")
+
+
+def _fake_checkpoint(root: Path, step: int) -> Path:
+    w = ck.CheckpointWriter(root, step)
+    w.prepare()
+    w.tensors("trainable.safetensors", {"w": torch.full((2,), float(step))})
+    w.json("trainer_state.json", {"global_step": step})
+    return w.commit()
+
+
+def test_manifest_damage_of_any_kind_is_a_reason_not_a_crash(tmp_path):
+    root = tmp_path / "checkpoints"
+    good, newest = _fake_checkpoint(root, 1), _fake_checkpoint(root, 2)
+    mf = newest / ck.MANIFEST
+    text = mf.read_bytes()
+    for bad in (b"\xff" + text, b"[1, 2]", b'{"files": [1]}', b'{"files": {"x": 3}}', b"", text[:10],
+                b'{"files": {"../x": {"bytes": 1}, "trainable.safetensors": {}, "trainer_state.json": {}}}'):
+        mf.write_bytes(bad)
+        why = ck.verify_checkpoint(newest)
+        assert why is not None and ("MANIFEST.json" in why or "not listed" in why or "not a file" in why), (bad, why)
+        warnings: list[str] = []
+        assert ck.find_latest_valid(root, warn=warnings.append) == good
+        assert len(warnings) == 1 and newest.name in warnings[0] and "skipping" in warnings[0]
+
+
+def test_rotation_goes_through_the_trash_and_cleans_leftovers(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _fake_checkpoint(root, step)
+    # leftovers of interrupted deletions: a half-deleted checkpoint in the trash, a replaced one
+    (root / ck.TRASH / "checkpoint-00000000").mkdir(parents=True)
+    (root / ".old-checkpoint-00000002-123").mkdir()
+    deleted: list[str] = []
+    real = ck.shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        deleted.append(str(Path(path).relative_to(root)))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", rmtree)
+    removed = ck.rotate(root, keep=2)
+    assert [p.name for p in removed] == ["checkpoint-00000001"]
+    # an old checkpoint is never deleted under its published name: renamed into .trash/ first
+    assert f"{ck.TRASH}/checkpoint-00000001" in deleted and "checkpoint-00000001" not in deleted
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-00000002", "checkpoint-00000003"]
+    assert ck.rotate(root, keep=0) == [] and len(ck.list_checkpoints(root)) == 2
+
+
+def test_clean_for_resume_keeps_only_the_newest_broken_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 5):
+        _fake_checkpoint(root, step)
+    for step in (2, 3):
+        (root / f"checkpoint-{step:08d}" / ck.MANIFEST).unlink()
+    ck.set_aside_broken(root, root / "checkpoint-00000002")
+    ck.set_aside_broken(root, root / "checkpoint-00000003")
+    (root / ".tmp-checkpoint-00000006").mkdir()
+    (root / ck.TRASH / "checkpoint-00000004").mkdir(parents=True)
+    gone = ck.clean_for_resume(root)
+    assert gone == [".broken-checkpoint-00000002", ".tmp-checkpoint-00000006", ck.TRASH]
+    assert sorted(p.name for p in root.iterdir()) == [".broken-checkpoint-00000003", "checkpoint-00000001", "checkpoint-00000005"]
+
+
+def test_resume_at_the_last_step_still_rotates(tmp_path, th):
+    """A run killed after publishing its last checkpoint but before rotating leaves keep + 1 checkpoints; resuming
+    it saves nothing, but the keep limit is applied all the same."""
+    data = th.make_dataset(tmp_path / "data", "wan", n=2)
+    cfg = th.tiny_config("wan", "semantic", data, tmp_path / "run", max_train_steps=3, checkpoint__every_steps=1,
+                         checkpoint__keep=0, export__at_end="false")
+    DCMTrainer(cfg).train()
+    root = tmp_path / "run" / "checkpoints"
+    assert len(ck.list_checkpoints(root)) == 3
+    cfg2 = th.tiny_config("wan", "semantic", data, tmp_path / "run", max_train_steps=3, checkpoint__every_steps=1,
+                          checkpoint__keep=2, export__at_end="false")
+    tr = DCMTrainer(cfg2, resume="latest")
+    assert tr.global_step == 3
+    tr.train()
+    assert [s for s, _ in ck.list_checkpoints(root)] == [3, 2]
 
 
 def test_optimizer_state_round_trips_without_pickle():
