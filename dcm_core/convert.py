@@ -6,7 +6,7 @@
 * ``DIR/NAME_detail_expert.safetensors``  → ComfyUI/models/loras/ (stock LoraLoaderModelOnly, or the DCM loader)
 
 Streaming: both headers are computed from the plan first, then each output tensor is produced
-from the memory-mapped source and written before the next one is made, so peak memory is about
+from the source (positioned reads, no mmap) and written before the next one is made, so peak memory is about
 one tensor. Both files appear only when both are complete (no partial outputs on any error).
 """
 

@@ -2,7 +2,7 @@
 
 Every error the pack raises on purpose is a :class:`DCMError`. Each subclass also
 derives from the builtin exception that fits (``ValueError``, ``FileNotFoundError``,
-``RuntimeError``), so ComfyUI and ordinary ``except ValueError`` code treat them
+``RuntimeError``, ``OSError``), so ComfyUI and ordinary ``except ValueError`` code treat them
 normally. Messages follow one rule: say what failed, name the file / key / value,
 and say what to do about it.
 """
@@ -10,6 +10,7 @@ and say what to do about it.
 from __future__ import annotations
 
 import errno as _errno
+import os
 import re
 
 
@@ -84,8 +85,6 @@ class DCMWriteError(DCMError, OSError):
         if code is None and ("No space left" in text or "StorageFull" in text):
             code = _errno.ENOSPC
         if code is not None:
-            import os
-
             return code, os.strerror(code)
         return None, text
 

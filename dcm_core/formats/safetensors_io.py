@@ -1,10 +1,10 @@
 """Validated safetensors reading and atomic, streaming safetensors writing.
 
-Reading: the header is parsed and checked here, with bounds checks, *before* the file is
-handed to ``safetensors.safe_open``; nothing a header claims is allocated before it has been
-checked against the real file size. Pickle / zip / GGUF files are recognised by their magic
-bytes and refused (they are never unpickled). Tensors are then streamed one at a time with
-an optional per-tensor dtype conversion.
+Reading: the header is parsed and checked here, with bounds checks; nothing a header claims is
+allocated before it has been checked against the real file size. Pickle / zip / GGUF files are
+recognised by their magic bytes and refused (they are never unpickled). Tensors are then read
+one at a time with positioned reads into tensors that own their memory (no ``mmap``: the source
+file never sits in the process's RSS), with an optional per-tensor dtype conversion.
 
 NaN / Inf: every float tensor read through :class:`SafeReader` is checked; a tensor holding NaN or
 ±Inf is refused with a :class:`DCMFormatError` naming the file and the tensor (an expert with
@@ -20,12 +20,15 @@ on any error the temporary file is removed and no partial output is left behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
 import os
 import struct
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, Sequence
@@ -69,6 +72,9 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 if hasattr(torch, "float8_e4m3fn"):
     DTYPE_NAMES["fp8_e4m3fn"] = torch.float8_e4m3fn
+
+_HAS_PREADV = hasattr(os, "preadv")
+_BIG_ENDIAN = sys.byteorder != "little"
 
 FLOAT_ST_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
@@ -341,30 +347,42 @@ def check_finite(t: torch.Tensor, where: str, key: str) -> torch.Tensor:
 class SafeReader:
     """Stream tensors from a validated safetensors file (one tensor in memory at a time).
 
-    Use as a context manager; :meth:`get` returns a fresh tensor, optionally converted to ``dtype``.
-    A float tensor holding NaN / Inf is refused (:func:`check_finite`).
+    Use as a context manager; :meth:`get` returns a fresh tensor that owns its memory, optionally
+    converted to ``dtype``. A float tensor holding NaN / Inf is refused (:func:`check_finite`).
+
+    Each tensor is read with positioned reads (``os.preadv``; ``seek`` + ``readinto`` where that does
+    not exist) straight into the buffer of a preallocated tensor, at the byte range the validated
+    header gives. The file is never memory-mapped, so reading a whole model does not leave the source
+    file's pages mapped into (and counted in the RSS of) the process: peak memory while converting is
+    what the caller keeps plus one source tensor (and its converted copy). The pages go to the OS page
+    cache only, which the kernel reclaims when it needs to.
     """
 
     def __init__(self, path: str | os.PathLike, header: Header | None = None):
         self.path = str(path)
         self.header = header or read_header(self.path)
-        self._f = None
-        self._cm = None
+        self._fh: IO[bytes] | None = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "SafeReader":
-        from safetensors import safe_open
-
         try:
-            self._cm = safe_open(self.path, framework="pt", device="cpu")
-            self._f = self._cm.__enter__()
-        except Exception as e:  # safetensors raises its own error types
-            raise DCMFormatError(f"{self.path}: safetensors could not open the file ({e}); it is damaged.") from e
+            fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed in __exit__
+        except OSError as e:
+            raise DCMFileNotFoundError(f"{self.path}: cannot open the file ({e.strerror or e}). Check that it exists and its permissions.") from e
+        size = os.fstat(fh.fileno()).st_size
+        if size != self.header.file_size:
+            fh.close()
+            raise DCMFormatError(
+                f"{self.path}: the file is {size} bytes now but was {self.header.file_size} bytes when its header was "
+                f"read; it is being written or was replaced. Wait until the download / copy has finished, then retry."
+            )
+        self._fh = fh
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._cm is not None:
-            self._cm.__exit__(*exc)
-        self._cm = self._f = None
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            fh.close()
 
     def keys(self) -> list[str]:
         return list(self.header.entries)
@@ -372,16 +390,55 @@ class SafeReader:
     def __contains__(self, key: str) -> bool:
         return key in self.header.entries
 
+    def _read_into(self, view: memoryview, offset: int, key: str) -> None:
+        """Fill ``view`` from the file at ``offset``; a short read means the file was truncated."""
+        fh = self._fh
+        assert fh is not None
+        fd = fh.fileno()
+        total, pos = view.nbytes, 0
+        try:
+            if _HAS_PREADV:
+                while pos < total:
+                    n = os.preadv(fd, [view[pos:]], offset + pos)
+                    if n <= 0:
+                        break
+                    pos += n
+            else:
+                with self._lock:
+                    fh.seek(offset)
+                    while pos < total:
+                        n = fh.readinto(view[pos:])
+                        if not n:
+                            break
+                        pos += n
+        except OSError as e:
+            raise DCMFormatError(
+                f"{self.path}: cannot read tensor {key!r} ({e.strerror or e}); the file or the disk is damaged. "
+                f"Re-download or copy the file again."
+            ) from e
+        if pos < total:
+            raise DCMFormatError(
+                f"{self.path}: tensor {key!r} needs bytes {offset}-{offset + total} of the file but it ended after "
+                f"{offset + pos}; the file is truncated (was it cut short while being read?). Re-download it."
+            )
+
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor (CPU), converting to ``dtype`` if given."""
-        if key not in self.header.entries:
+        e = self.header.entries.get(key)
+        if e is None:
             raise DCMFormatError(f"{self.path}: tensor {key!r} is missing from the file.")
-        if self._f is None:
+        if self._fh is None:
             raise RuntimeError("SafeReader.get() outside a 'with' block")
-        try:
-            t = self._f.get_tensor(key)
-        except Exception as e:
-            raise DCMFormatError(f"{self.path}: cannot read tensor {key!r} ({e}); the file is damaged.") from e
+        t = torch.empty(e.shape, dtype=e.torch_dtype)
+        if e.nbytes:
+            # a writable byte view of the fresh, contiguous tensor's own memory (through ctypes, not .numpy(),
+            # which would mark the storage as shared with numpy: not resizable, i.e. "not owned")
+            with memoryview((ctypes.c_ubyte * e.nbytes).from_address(t.data_ptr())).cast("B") as view:
+                self._read_into(view, self.header.data_offset + e.begin, key)
+            itemsize = ST_DTYPES[e.dtype][1]
+            if _BIG_ENDIAN and itemsize > 1:  # safetensors stores little-endian
+                b = t.reshape(-1).view(torch.uint8).view(-1, itemsize)
+                b.copy_(b.flip(-1))
         check_finite(t, self.path, key)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)

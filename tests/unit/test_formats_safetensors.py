@@ -52,6 +52,92 @@ def test_valid_file_reads_and_streams(tmp_path):
         assert r.get("b", torch.float32).dtype == torch.float32
 
 
+
+READER_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+                 torch.int8, torch.uint8, torch.bool] + [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
+
+
+def _mapped(path) -> bool:
+    """Whether ``path`` is memory-mapped into this process (Linux /proc; False elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            return any(line.rstrip().endswith(str(path)) for line in fh)
+    except OSError:
+        return False
+
+
+def test_reader_round_trips_every_dtype_into_owned_memory_without_mmap(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for dt in READER_DTYPES:
+        name = str(dt).replace("torch.", "")
+        if dt.is_floating_point:
+            sd[name] = torch.randn(3, 5, generator=g).to(dt)
+        elif dt == torch.bool:
+            sd[name] = torch.rand(7, generator=g) > 0.5
+        else:
+            sd[name] = torch.randint(0, 100, (4, 2), generator=g).to(dt)
+    sd["scalar"] = torch.tensor(2.5)
+    sd["empty"] = torch.zeros(0, 3)
+    sd["big"] = torch.randn(300_000, generator=g)  # > one page, read in one positioned read
+    p = tmp_path / "all.safetensors"
+    save_file(sd, str(p))
+    ref = load_file(str(p))
+    ref = {k: v.clone() for k, v in ref.items()}  # load_file's tensors keep the file mapped: drop them
+    assert not _mapped(p)
+    with SafeReader(p) as r:
+        for k, want in ref.items():
+            got = r.get(k)
+            assert got.dtype == want.dtype and got.shape == want.shape, k
+            assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), k
+            # owns its memory: not a view of a file mapping or of a numpy array (ComfyUI keeps it as a weight)
+            assert got.untyped_storage().resizable() and got.is_contiguous(), k
+            assert not _mapped(p), "the reader memory-mapped the file"
+        conv = r.get("float32", torch.bfloat16)
+        assert conv.dtype == torch.bfloat16 and torch.equal(conv, ref["float32"].to(torch.bfloat16))
+
+
+def test_reader_without_preadv_reads_the_same(tmp_path, monkeypatch):
+    import dcm_core.formats.safetensors_io as sio
+
+    p = _good(tmp_path)
+    monkeypatch.setattr(sio, "_HAS_PREADV", False)
+    with SafeReader(p) as r:
+        assert torch.equal(r.get("a"), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+        assert torch.equal(r.get("b"), torch.ones(4, dtype=torch.bfloat16))
+
+
+def test_reader_file_truncated_or_replaced_after_the_header_was_read(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(p))
+    h = read_header(p)
+    # cut short while a reader has it open: the tensor past the end is a truncated-file error naming both
+    with SafeReader(p, h) as r:
+        assert torch.equal(r.get("a"), torch.ones(64))
+        os.truncate(p, h.file_size - 4)
+        with pytest.raises(DCMFormatError, match=r"t\.safetensors: tensor 'b' .*truncated"):
+            r.get("b")
+    # a header read before the file changed: refused on open, before any tensor is read
+    with pytest.raises(DCMFormatError, match=r"t\.safetensors: the file is .* bytes now but was"):
+        with SafeReader(p, h):
+            pass
+    os.unlink(p)
+    with pytest.raises(DCMFileNotFoundError, match=r"t\.safetensors: cannot open"):
+        with SafeReader(p, h):
+            pass
+
+
+def test_reader_refuses_nan_after_a_positioned_read(tmp_path):
+    p = tmp_path / "nan.safetensors"
+    t = torch.ones(1000)
+    t[777] = float("nan")
+    save_file({"ok": torch.ones(3), "w": t}, str(p))
+    with SafeReader(p) as r:
+        assert torch.equal(r.get("ok"), torch.ones(3))
+        with pytest.raises(DCMFormatError, match=r"nan\.safetensors: tensor 'w' holds 1 NaN/Inf"):
+            r.get("w")
+
+
 BAD_HEADERS = [
     ("garbled", lambda t: _raw(t / "x.safetensors", b"\xff\xfe\x00garbage!")),
     ("non_json", lambda t: _raw(t / "x.safetensors", b"this is not json")),

@@ -22,7 +22,7 @@ WORKFLOWS = sorted(p.name for p in UI_DIR.glob("*.json"))
 CORE = {
     "CLIPLoader", "DualCLIPLoader", "CLIPTextEncode", "VAELoader", "EmptyHunyuanLatentVideo", "VAEDecode",
     "VAEDecodeTiled", "CreateVideo", "SaveVideo", "FluxGuidance", "UNETLoader", "LoraLoaderModelOnly",
-    "KSamplerSelect", "RandomNoise", "SamplerCustomAdvanced", "PreviewImage", "SaveLatent", "Note", "MarkdownNote",
+    "KSamplerSelect", "RandomNoise", "SamplerCustomAdvanced", "PreviewImage", "SaveLatent", "SaveAnimatedWEBP", "Note", "MarkdownNote",
 }
 TEST_ONLY = {"DCMTestConditioning", "DCMTestCapture", "DCMTestRecordCalls"}
 
@@ -37,7 +37,9 @@ def pack_node_ids() -> set[str]:
 
 
 def test_expected_files():
-    assert WORKFLOWS == ["dcm_hunyuan_t2v.json", "dcm_wan2.1_stock_nodes.json", "dcm_wan2.1_t2v_1.3b.json"]
+    assert WORKFLOWS == [
+        "dcm_hunyuan_t2v.json", "dcm_toy_world.json", "dcm_wan2.1_stock_nodes.json", "dcm_wan2.1_t2v_1.3b.json",
+    ]
     assert sorted(p.name for p in API_DIR.glob("*.json")) == WORKFLOWS
 
 
@@ -75,6 +77,7 @@ def test_ui_workflow_structure(name):
 def test_dcm_settings_are_the_official_ones(name):
     wf = json.loads((UI_DIR / name).read_text())
     hunyuan = "hunyuan" in name
+    toy = "toy" in name  # the toy world's 24x24x6 video is the latent of 96x96, 21 frames
     boundary = 981.0 if hunyuan else 978.0
     for n in wf["nodes"]:
         w = n["widgets_values"]
@@ -90,7 +93,7 @@ def test_dcm_settings_are_the_official_ones(name):
         if n["type"] == "DCMSchedule":
             assert w[0] in PRESET_NAMES and w[4] == boundary
         if n["type"] == "EmptyHunyuanLatentVideo":
-            assert w == ([1280, 720, 29, 1] if hunyuan else [832, 480, 81, 1])
+            assert w == ([96, 96, 21, 1] if toy else [1280, 720, 29, 1] if hunyuan else [832, 480, 81, 1])
         if n["type"] == "CreateVideo":
             assert w == [24 if hunyuan else 16]
         if n["type"] == "FluxGuidance":

@@ -82,3 +82,44 @@ def test_failed_export_leaves_no_partial_output(tmp_path, th, monkeypatch):
         export_run(run)
     assert not (run / "export").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("where", ["transformer", "native"])
+def test_write_errors_become_a_dcm_write_error_naming_the_folder(tmp_path, th, monkeypatch, where):
+    """safetensors' own SafetensorError (its text carries the OS error) while writing the transformer file, or
+    the converter's DCMWriteError for the pack-native pair: a DCMWriteError (also an OSError) naming the output
+    folder, with the errno; a previous export stays untouched."""
+    import errno
+
+    import safetensors.torch as st_torch
+    from safetensors import SafetensorError
+
+    import dcm_core.convert as conv
+    from dcm_core.errors import DCMError, DCMWriteError
+
+    data = th.make_dataset(tmp_path / "data", "wan")
+    run = tmp_path / "run"
+    DCMTrainer(th.tiny_config("wan", "detail", data, run)).train()  # exports at the end
+    before = {p.relative_to(run / "export"): p.read_bytes() for p in (run / "export").rglob("*") if p.is_file()}
+    if where == "transformer":
+        def fail(*a, **k):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(st_torch, "save_file", fail)
+    else:
+        def fail(*a, **k):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+        monkeypatch.setattr(conv, "StreamingWriter", fail)
+    with pytest.raises(DCMWriteError) as ei:
+        export_run(run)
+    e = ei.value
+    assert isinstance(e, DCMError) and isinstance(e, OSError)
+    assert e.errno == (errno.ENOSPC if where == "transformer" else errno.EDQUOT)
+    msg = str(e)
+    assert msg.startswith(f"{run / 'export'}: cannot write the export (")
+    assert ("No space left" if where == "transformer" else "Disk quota exceeded") in msg
+    assert "previous export there is unchanged" in msg and "--out" in msg
+    after = {p.relative_to(run / "export"): p.read_bytes() for p in (run / "export").rglob("*") if p.is_file()}
+    assert after == before
+    assert not [p for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
