@@ -9,10 +9,10 @@ Pipeline (every stage is project code; the DCM stages go through the real traine
                   gives back the toy latent);
 3. semantic     — ``train --stage semantic`` (k ∈ 35..49 → σ_prev[35], pseudo-Huber + TC);
 4. detail       — ``train --stage detail`` on the semantic expert (LoRA + own embedder/head,
-                  consistency + hinge GAN + feature matching on teacher features);
+                  consistency loss against an EMA target; see ``DETAIL`` for why no GAN here);
 5. baseline     — a single-expert consistency model: ``train --stage semantic schedule.k0=0``
                   (one phase over the whole trajectory, the paper's "VCM" variant);
-6. ablations    — (``--ablations``) DCM without the TC loss, DCM without GAN/FM;
+6. ablations    — (``--ablations``) DCM without the TC loss, DCM with the hinge GAN + feature matching;
 7. bundle       — copy teacher / DCM / baseline weights into ``dcm_core/toy/weights`` with a
                   manifest (commands, configs, seeds, wall times, sha256, versions).
 """
@@ -50,12 +50,18 @@ COMMON = [
     "data.batch_size=8",
     "checkpoint.every_steps=200",
     "checkpoint.keep=1",
-    "logging.progress_bar=true",
+    "logging.progress_bar=false",
     "export.dtype=fp32",
 ]
 SEMANTIC = ["optim.lr=1e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20"]
-DETAIL = ["optim.lr=2e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20",
-          "model.lora_rank=32", "model.lora_alpha=64", "disc.inner_channels=64", "disc.lr=1e-4"]
+#: The toy detail stage. Measured on this world (see README "Toy world"): the online consistency target
+#: with lr ≥ 1e-4 (with or without GAN) drifts away from the teacher (6-step MSE 0.06 vs Euler's 0.014);
+#: an EMA target (decay 0.95, the official code's EMA default) at lr 2e-5 for 200 steps beats Euler, and
+#: the hinge GAN + feature matching did not help at this scale (its discriminator stays at chance), so
+#: the bundled detail expert is trained without it and the GAN run is kept as an ablation (--ablations).
+DETAIL = ["optim.lr=2e-5", "optim.lr_scheduler=constant", "optim.use_ema=true", "optim.ema_decay=0.95",
+          "model.lora_rank=32", "model.lora_alpha=64", "loss.adv_weight=0"]
+DETAIL_GAN = ["loss.adv_weight=0.1", "disc.inner_channels=64", "disc.lr=1e-5"]
 
 
 def write_dataset(root: Path, clips: int, seed: int) -> Path:
@@ -90,40 +96,46 @@ def _train(stage: str, out: Path, overrides: list[str], log_file: Path) -> float
 def build(work: Path, *, teacher_steps: int, semantic_steps: int, detail_steps: int, clips: int, seed: int,
           ablations: bool, bundle: bool, weights_dir: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
+    times_file = work / "times.json"  # wall seconds of every stage built in this folder, kept across runs
+    times: dict[str, float] = json.loads(times_file.read_text()) if times_file.exists() else {}
     commands: dict[str, list[str]] = {}
     t_all = time.time()
+
+    def done(name: str, seconds: float) -> None:
+        times[name] = seconds
+        times_file.write_text(json.dumps(times, indent=1))
 
     teacher_dir = work / "teacher"
     if not (teacher_dir / "config.json").exists():
         t0 = time.time()
         T.train_teacher(T.TeacherConfig(steps=teacher_steps, seed=seed), out_dir=teacher_dir,
                         log_every=max(1, teacher_steps // 40), log_file=work / "teacher.log")
-        times["teacher"] = time.time() - t0
+        done("teacher", time.time() - t0)
     data_dir = work / "data"
     if not (data_dir / "videos2caption.json").exists():
         t0 = time.time()
         write_dataset(data_dir, clips, seed)
-        times["dataset"] = time.time() - t0
+        done("dataset", time.time() - t0)
 
     base = [f"model.pretrained={teacher_dir}", f"data.path={data_dir}", f"seed={seed}", *COMMON]
 
     def stage(name: str, st: str, extra: list[str], steps: int) -> Path:
         out = work / name
+        ov = base + extra + [f"max_train_steps={steps}"]
+        commands[name] = ["python", "-m", "dcm_core", "train", "--stage", st, f"output_dir={out}", *ov]
         if not (out / "export" / "export_info.json").exists():
-            ov = base + extra + [f"max_train_steps={steps}"]
-            commands[name] = ["python", "-m", "dcm_core", "train", "--stage", st, f"output_dir={out}", *ov]
-            times[name] = _train(st, out, ov, work / f"{name}.log")
+            done(name, _train(st, out, ov, work / f"{name}.log"))
         return out / "export"
 
     sem = stage("semantic", "semantic", SEMANTIC, semantic_steps)
     det = stage("detail", "detail", DETAIL + [f"model.semantic_expert={sem}"], detail_steps)
-    vcm = stage("vcm", "semantic", SEMANTIC + ["schedule.k0=0"], semantic_steps)
+    # the single-expert baseline gets the training budget of both DCM stages together
+    vcm = stage("vcm", "semantic", SEMANTIC + ["schedule.k0=0"], semantic_steps + detail_steps)
     if ablations:
         sem_notc = stage("semantic_no_tc", "semantic", SEMANTIC + ["loss.tc_weight=0"], semantic_steps)
         stage("detail_no_tc", "detail", DETAIL + [f"model.semantic_expert={sem_notc}"], detail_steps)
-        stage("detail_no_gan", "detail", DETAIL + [f"model.semantic_expert={sem}", "loss.adv_weight=0"], detail_steps)
-    times["total"] = time.time() - t_all
+        stage("detail_gan", "detail", DETAIL + DETAIL_GAN + [f"model.semantic_expert={sem}"], detail_steps)
+    times["this_invocation"] = time.time() - t_all
 
     manifest = {
         "made_by": "python -m dcm_core.toy.build (make toy-models)",
@@ -185,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/toy", help="working folder for runs and logs (default runs/toy)")
     p.add_argument("--teacher-steps", type=int, default=T.TeacherConfig.steps)
     p.add_argument("--semantic-steps", type=int, default=600)
-    p.add_argument("--detail-steps", type=int, default=600)
+    p.add_argument("--detail-steps", type=int, default=200)
     p.add_argument("--clips", type=int, default=1024, help="clips in the distillation dataset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ablations", action="store_true", help="also train the no-TC and no-GAN ablations")
+    p.add_argument("--ablations", action="store_true", help="also train the ablations: DCM without the TC loss, DCM with the GAN in the detail stage")
     p.add_argument("--no-bundle", action="store_true", help="do not copy the results into the bundled weights folder")
     p.add_argument("--weights-dir", default=str(M.WEIGHTS_DIR))
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")

@@ -11,7 +11,7 @@ On a fixed set of prompts × seeds, every method samples from the same noise and
 Methods: the teacher (50 steps), DCM (semantic + detail experts), plain flow-Euler on the teacher
 with the same few steps, the single-expert consistency baseline, and — when the ablation runs
 exist (``make toy-models`` with ``--ablations``) — DCM without the Temporal Coherence loss and
-DCM without the GAN / feature-matching terms.
+DCM with the GAN / feature-matching terms in the detail stage.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ EVAL_PROMPTS = (
 )
 EVAL_SEEDS = (0, 1, 2)
 
-ABLATIONS = {"dcm_no_tc": "detail_no_tc", "dcm_no_gan": "detail_no_gan"}
+ABLATIONS = {"dcm_no_tc": "detail_no_tc", "dcm_gan": "detail_gan"}
 
 
 def _official_file(run: Path) -> Path:
@@ -111,7 +111,7 @@ LABELS = {
     "euler": "plain flow-Euler on the teacher",
     "single_expert_cm": "single-expert consistency model",
     "dcm_no_tc": "DCM without the TC loss",
-    "dcm_no_gan": "DCM without GAN / feature matching",
+    "dcm_gan": "DCM with the hinge GAN + feature matching in the detail stage",
 }
 
 
