@@ -29,13 +29,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
-
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
+import torch
 
 from ..errors import DCMSamplingError, DCMScheduleError
 from ..sampler import check_finite

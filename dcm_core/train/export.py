@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from safetensors import SafetensorError
+from torch import nn
 
 from ..errors import DCMCheckpointError, DCMConfigError, DCMError, DCMWriteError
 from ..modeling import DETAIL_ADAPTER, LORA_TARGET_MODULES, family_of_model
