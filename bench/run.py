@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 PROFILES = {
-    "quick": dict(big=False, tiny_rounds=3, big_rounds=0, big_std_steps=2, whatif_reader=False,
+    "quick": dict(big=False, tiny_rounds=3, big_rounds=0, big_std_steps=2,
                   train_tiny=3, train_big=0),
-    "default": dict(big=True, tiny_rounds=5, big_rounds=2, big_std_steps=2, whatif_reader=False,
+    "default": dict(big=True, tiny_rounds=5, big_rounds=2, big_std_steps=2,
                     train_tiny=4, train_big=2),
-    "full": dict(big=True, tiny_rounds=7, big_rounds=3, big_std_steps=3, whatif_reader=True,
+    "full": dict(big=True, tiny_rounds=7, big_rounds=3, big_std_steps=3,
                  train_tiny=6, train_big=3),
 }
 
@@ -336,11 +336,6 @@ def build_rows(R: dict) -> list[tuple[str, str, str, str, str]]:
         rows.append(("4. Load official fp32 → bf16 (DCMCheckpointLoader): peak RSS − boot RSS ÷ bf16 model size",
                      "Wan 1.3B-shape", f"{_f(m['load_rss_ratio'], 2)} (anon only: {_f(m['load_anon_ratio'], 2)})", "≤ 1.3",
                      _met(m["load_rss_ratio"], TARGETS["load_rss"])))
-        mp = A.get("memory_wan1.3b_bf16_pread") or {}
-        if "load_rss_ratio" in mp:
-            rows.append(("4. Same load, what-if: the pack's safetensors reader using positioned reads instead of mmap",
-                         "Wan 1.3B-shape", f"{_f(mp['load_rss_ratio'], 2)} (anon only: {_f(mp['load_anon_ratio'], 2)})",
-                         "≤ 1.3", _met(mp["load_rss_ratio"], TARGETS["load_rss"])))
         pl = R["workers"].get("plain_load") or {}
         if "wall" in pl:
             rows.append(("4. Load time ÷ plain safetensors load_file + one read pass of the same file", "Wan 1.3B-shape",
@@ -456,12 +451,6 @@ def main(argv: list[str] | None = None) -> int:
                                         "--parts", "load,rss", *pack], work, "wan1.3b_bf16", 1500)
         R["workers"]["wan1.3b_bf16"] = w
         R["analysis"]["memory_wan1.3b_bf16"] = analyse_memory(w)
-    if big and "bf16" not in skip and P["whatif_reader"]:
-        log("Wan 1.3B-shape bf16: loading again with a positioned-read reader (what-if, see README)")
-        w = run_worker("worker_comfy", ["--model", "wan1.3b", "--ckpt", big, "--weight-dtype", "bf16",
-                                        "--parts", "load", "--reader", "pread", *pack], work, "wan1.3b_bf16_pread", 900)
-        R["workers"]["wan1.3b_bf16_pread"] = w
-        R["analysis"]["memory_wan1.3b_bf16_pread"] = analyse_memory(w)
     if big and "fp32" not in skip:
         from .models import ensure_converted
 

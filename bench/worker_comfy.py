@@ -61,43 +61,6 @@ def _calls_summary(calls: list) -> dict:
     return out
 
 
-def _use_pread_reader() -> None:
-    """What-if (bench only, labelled in the results): read each tensor with ``os.preadv`` into a fresh tensor
-    instead of through the safetensors mmap, which keeps every page of the file it touched mapped (and
-    counted in RSS) until the reader closes. Same bytes, same conversions; the pack's NaN check is kept."""
-    import torch
-
-    from .comfy_env import pack_module
-
-    sio = pack_module("dcm_core.formats.safetensors_io")
-    orig_get = sio.SafeReader.get
-
-    def get(self, key, dtype=None):
-        e = self.header.entries.get(key)
-        if e is None or sys.byteorder != "little":
-            return orig_get(self, key, dtype)
-        t = torch.empty(e.shape, dtype=e.torch_dtype)
-        if e.nbytes:
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                pos, off = 0, self.header.data_offset + e.begin
-                while pos < e.nbytes:
-                    n = os.preadv(fd, [view[pos:]], off + pos)
-                    if n <= 0:
-                        raise OSError(f"short read in {self.path}")
-                    pos += n
-            finally:
-                os.close(fd)
-        if hasattr(sio, "check_finite"):
-            sio.check_finite(t, self.path, key)
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
-        return t
-
-    sio.SafeReader.get = get
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("tiny", "wan1.3b"), required=True)
@@ -115,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reserve-vram", type=float, default=None, help="GB ComfyUI keeps free (emulates a smaller card)")
     ap.add_argument("--variants", default=None, help="comma list of dual-expert variants (default: all)")
     ap.add_argument("--stock-files", default=None, help="SEMANTIC,DETAIL converted files for the stock-loader chain (wan1.3b)")
-    ap.add_argument("--reader", choices=("pack", "pread"), default="pack",
-                    help="what-if: 'pread' swaps the pack's safetensors reader (mmap) for plain positioned reads")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     parts = set(a.parts.split(","))
@@ -166,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         if a.stock_files:
             sem_f, det_f = a.stock_files.split(",")
             stock_files = (h.link_model("diffusion_models", Path(sem_f)), h.link_model("loras", Path(det_f)))
-    if a.reader == "pread":
-        _use_pread_reader()
     if a.latent:
         w, hh, ln = (int(x) for x in a.latent.lower().split("x"))
         latent = Latent(w, hh, ln)

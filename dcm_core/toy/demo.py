@@ -48,6 +48,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=[n for n in PRESET_NAMES if n != "custom"],
                    help=f"few-step schedule for DCM, plain Euler and the baseline (default {DEFAULT_PRESET})")
     p.add_argument("--steps", type=int, default=6, help="steps for the pcm-default preset (default 6)")
+    p.add_argument("--semantic-steps", type=int, default=3,
+                   help="semantic-expert steps for the per-expert-uniform preset (default 3)")
+    p.add_argument("--detail-steps", type=int, default=3,
+                   help="detail-expert steps for the per-expert-uniform preset (default 3)")
     p.add_argument("--teacher-steps", type=int, default=50, choices=[50],
                    help="teacher reference steps (the 50-point DCM grid)")
     p.add_argument("--scale", type=int, default=6, help="pixel upscale factor of the GIFs and the strip (default 6)")
@@ -90,6 +94,8 @@ def run_demo(
     *,
     preset: str = DEFAULT_PRESET,
     steps: int = 6,
+    semantic_steps: int = 3,
+    detail_steps: int = 3,
     scale: int = 6,
     fps: int = 6,
     weights: str | Path = M.WEIGHTS_DIR,
@@ -103,7 +109,8 @@ def run_demo(
     t_load = time.perf_counter() - t_load
     ctx = world.encode_text(prompt)[None]
     noise = M.make_noise(seed)
-    few = build_sigmas(preset, steps=steps, boundary_timestep=M.BOUNDARY)
+    few = build_sigmas(preset, steps=steps, semantic_steps=semantic_steps, detail_steps=detail_steps,
+                       boundary_timestep=M.BOUNDARY)
     n = len(few) - 1
     methods: list[tuple[str, str, Any]] = [
         ("teacher_50step", "teacher, 50 steps", lambda: M.sample_single(bundle.teacher, noise, ctx, M.teacher_sigmas())),
@@ -152,7 +159,8 @@ def run_demo(
 def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
-    m = run_demo(args.prompt, args.seed, args.out, preset=args.preset, steps=args.steps, scale=args.scale,
+    m = run_demo(args.prompt, args.seed, args.out, preset=args.preset, steps=args.steps,
+                 semantic_steps=args.semantic_steps, detail_steps=args.detail_steps, scale=args.scale,
                  fps=args.fps, weights=args.weights)
     print(f"DCM toy demo: {m['prompt']!r}, seed {m['seed']}, {args.preset} -> {args.out}/")
     print(f"{'method':<22}{'calls':>6}{'seconds':>9}{'MSE→teacher':>13}{'motion err px':>15}")

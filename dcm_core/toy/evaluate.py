@@ -11,7 +11,8 @@ On a fixed set of prompts × seeds, every method samples from the same noise and
 Methods: the teacher (50 steps), DCM (semantic + detail experts), plain flow-Euler on the teacher
 with the same few steps, the single-expert consistency baseline, and — when the ablation runs
 exist (``make toy-models`` with ``--ablations``) — DCM without the Temporal Coherence loss and
-DCM with the GAN / feature-matching terms in the detail stage.
+DCM with the GAN / feature-matching terms in the detail stage. Each is run with three step counts
+(:data:`SCHEDULES`): the official 6-step Wan list, and 4 and 2 steps placed by the per-expert-uniform rule.
 """
 
 from __future__ import annotations
@@ -44,65 +45,92 @@ def _official_file(run: Path) -> Path:
     return run / "export" / "transformer" / "diffusion_pytorch_model.safetensors"
 
 
-def evaluate(weights: Path = M.WEIGHTS_DIR, runs: Path | None = Path("runs/toy"), *, preset: str = "wan2.1-t2v-6step",
+#: Step counts compared (label, build_sigmas arguments): the official Wan list, then fewer steps placed
+#: by the per-expert-uniform rule (the authors' advice for other step counts).
+SCHEDULES = (
+    ("6 steps: wan2.1-t2v-6step (3 + 3)", {"preset": "wan2.1-t2v-6step"}),
+    ("4 steps: per-expert-uniform 2 + 2", {"preset": "per-expert-uniform", "semantic_steps": 2, "detail_steps": 2}),
+    ("2 steps: per-expert-uniform 1 + 1", {"preset": "per-expert-uniform", "semantic_steps": 1, "detail_steps": 1}),
+)
+
+
+def schedule_sigmas(spec: dict) -> list[float]:
+    spec = dict(spec)
+    return build_sigmas(spec.pop("preset"), boundary_timestep=M.BOUNDARY, **spec)
+
+
+def evaluate(weights: Path = M.WEIGHTS_DIR, runs: Path | None = Path("runs/toy"), *, schedules=SCHEDULES,
              prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS) -> dict:
+    """Every method on every schedule from the same noise; MSE to the teacher's 50-step sample (latent space)
+    and the motion error of the decoded frames."""
     torch.set_grad_enabled(False)
     bundle = M.load_bundle(weights)
-    extra = {}
+    experts = {"dcm": bundle.dcm}
     if runs is not None:
         for key, run in ABLATIONS.items():
             f = _official_file(runs / run)
             if f.exists():
-                extra[key] = M.load_dcm_file(f, weights)
-    few = build_sigmas(preset, boundary_timestep=M.BOUNDARY)
-    methods = {
-        "teacher_50step": lambda n, c: M.sample_single(bundle.teacher, n, c, M.teacher_sigmas()),
-        "dcm": lambda n, c: M.sample_experts(bundle.dcm, n, c, few),
-        "euler": lambda n, c: M.sample_single(bundle.teacher, n, c, few),
-    }
-    if bundle.vcm is not None:
-        methods["single_expert_cm"] = lambda n, c: M.sample_single(bundle.vcm, n, c, few)
-    for key, model in extra.items():
-        methods[key] = (lambda mdl: (lambda n, c: M.sample_experts(mdl, n, c, few)))(model)
-    scores: dict[str, dict[str, list[float]]] = {k: {"mse": [], "motion": [], "seconds": []} for k in methods}
+                experts[key] = M.load_dcm_file(f, weights)
+    scheds = [(label, schedule_sigmas(spec)) for label, spec in schedules]
+
+    def methods(few):
+        out = {k: (lambda mdl: (lambda n, c: M.sample_experts(mdl, n, c, few)))(m) for k, m in experts.items()}
+        out["euler"] = lambda n, c: M.sample_single(bundle.teacher, n, c, few)
+        if bundle.vcm is not None:
+            out["single_expert_cm"] = lambda n, c: M.sample_single(bundle.vcm, n, c, few)
+        return out
+
+    keys = list(methods([1.0, 0.0]))
+    scores = {label: {k: {"mse": [], "motion": [], "seconds": []} for k in keys} for label, _ in scheds}
+    teacher = {"motion": [], "seconds": []}
     truth_motion = []
     for p in prompts:
         ctx = world.encode_text(p)[None]
         for s in seeds:
             noise = M.make_noise(s)
-            ref = None
-            for key, fn in methods.items():
-                t0 = time.perf_counter()
-                lat = fn(noise, ctx)
-                scores[key]["seconds"].append(time.perf_counter() - t0)
-                if ref is None:
-                    ref = lat
-                scores[key]["mse"].append(float(((lat - ref) ** 2).mean()))
-                scores[key]["motion"].append(world.motion_error(world.latent_to_frames(lat[0]), p))
+            t0 = time.perf_counter()
+            ref = M.sample_single(bundle.teacher, noise, ctx, M.teacher_sigmas())
+            teacher["seconds"].append(time.perf_counter() - t0)
+            teacher["motion"].append(world.motion_error(world.latent_to_frames(ref[0]), p))
+            for label, few in scheds:
+                for key, fn in methods(few).items():
+                    t0 = time.perf_counter()
+                    lat = fn(noise, ctx)
+                    sc = scores[label][key]
+                    sc["seconds"].append(time.perf_counter() - t0)
+                    sc["mse"].append(float(((lat - ref) ** 2).mean()))
+                    sc["motion"].append(world.motion_error(world.latent_to_frames(lat[0]), p))
             truth_motion.append(world.motion_error(world.make_clip(p, s).frames, p))
-    summary = {
-        k: {
+
+    def summarise(v):
+        return {
             "mse_to_teacher": float(np.mean(v["mse"])),
             "mse_to_teacher_std": float(np.std(v["mse"])),
             "motion_error_px": float(np.mean(v["motion"])),
             "seconds_per_sample": float(np.mean(v["seconds"])),
         }
-        for k, v in scores.items()
-    }
-    dcm = summary["dcm"]["mse_to_teacher"]
-    out = {
-        "preset": preset,
-        "sigmas": few,
+
+    results = []
+    for label, few in scheds:
+        summary = {k: summarise(v) for k, v in scores[label].items()}
+        dcm = summary["dcm"]["mse_to_teacher"]
+        wins = sum(a < b for a, b in zip(scores[label]["dcm"]["mse"], scores[label]["euler"]["mse"]))
+        results.append({
+            "schedule": label,
+            "sigmas": few,
+            "methods": summary,
+            "euler_over_dcm_mse": summary["euler"]["mse_to_teacher"] / dcm if dcm > 0 else float("inf"),
+            "dcm_closer_than_euler": f"{wins}/{len(scores[label]['dcm']['mse'])}",
+        })
+    return {
         "prompts": list(prompts),
         "seeds": list(seeds),
         "samples": len(prompts) * len(seeds),
-        "methods": summary,
+        "teacher_50step": {"motion_error_px": float(np.mean(teacher["motion"])),
+                           "seconds_per_sample": float(np.mean(teacher["seconds"]))},
         "world_clips_motion_error_px": float(np.mean(truth_motion)),
-        "euler_over_dcm_mse": summary["euler"]["mse_to_teacher"] / dcm if dcm > 0 else float("inf"),
+        "schedules": results,
     }
-    if "single_expert_cm" in summary:
-        out["single_expert_over_dcm_mse"] = summary["single_expert_cm"]["mse_to_teacher"] / dcm if dcm > 0 else float("inf")
-    return out
 
 
 LABELS = {
@@ -116,19 +144,22 @@ LABELS = {
 
 
 def markdown(res: dict) -> str:
-    n = len(res["sigmas"]) - 1
-    lines = [
-        f"| method ({n} steps unless noted) | MSE to teacher ↓ | motion error (px) ↓ |",
-        "|---|---|---|",
-    ]
-    for k, v in res["methods"].items():
-        lines.append(f"| {LABELS.get(k, k)} | {v['mse_to_teacher']:.5f} | {v['motion_error_px']:.2f} |")
+    scheds = res["schedules"]
+    head = "| method | " + " | ".join(f"MSE to teacher, {r['schedule'].split(':')[0]} ↓" for r in scheds)
+    lines = [head + " | motion error (px), 6 steps ↓ |", "|---|" + "---|" * (len(scheds) + 1)]
+    for k in scheds[0]["methods"]:
+        cells = " | ".join(f"{r['methods'][k]['mse_to_teacher']:.4f}" for r in scheds)
+        lines.append(f"| {LABELS.get(k, k)} | {cells} | {scheds[0]['methods'][k]['motion_error_px']:.2f} |")
+    lines.append(f"| {LABELS['teacher_50step']} | 0 | " + " | ".join("0" for _ in scheds[1:])
+                 + f" | {res['teacher_50step']['motion_error_px']:.2f} |")
     lines.append("")
     lines.append(
-        f"{res['samples']} samples ({len(res['prompts'])} prompts × {len(res['seeds'])} seeds), schedule "
-        f"`{res['preset']}`. Plain Euler / DCM MSE ratio: **{res['euler_over_dcm_mse']:.2f}×**"
-        + (f"; single-expert / DCM: **{res['single_expert_over_dcm_mse']:.2f}×**" if "single_expert_over_dcm_mse" in res else "")
-        + f". Motion error of clips rendered by the world itself (tracking floor): {res['world_clips_motion_error_px']:.2f} px."
+        f"{res['samples']} samples ({len(res['prompts'])} prompts × {len(res['seeds'])} seeds). Schedules: "
+        + "; ".join(f"{r['schedule']} = {', '.join(f'{x:g}' for x in r['sigmas'])}" for r in scheds) + ". "
+        + "Plain Euler ÷ DCM MSE: " + ", ".join(f"**{r['euler_over_dcm_mse']:.2f}×** ({r['schedule'].split(':')[0]}; "
+                                                f"DCM closer on {r['dcm_closer_than_euler']} samples)" for r in scheds)
+        + f". Motion error of clips rendered by the world itself (the tracker's floor): "
+        f"{res['world_clips_motion_error_px']:.2f} px."
     )
     return "\n".join(lines)
 
@@ -138,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=str(M.WEIGHTS_DIR))
     p.add_argument("--runs", default="runs/toy", help="folder of `make toy-models --ablations` runs (ablations)")
-    p.add_argument("--preset", default="wan2.1-t2v-6step")
+    p.add_argument("--quick", action="store_true", help="2 prompts × 1 seed (a smoke run)")
     p.add_argument("--out", default="runs/toy/eval.json")
     a = p.parse_args(argv)
     t0 = time.time()
-    res = evaluate(Path(a.weights), Path(a.runs) if a.runs else None, preset=a.preset)
+    kw = {"prompts": EVAL_PROMPTS[:2], "seeds": EVAL_SEEDS[:1]} if a.quick else {}
+    res = evaluate(Path(a.weights), Path(a.runs) if a.runs else None, **kw)
     res["wall_seconds"] = round(time.time() - t0, 1)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,3 +50,17 @@ def test_demo_rejects_prompts_outside_the_world(tmp_path):
     assert r.returncode == 2
     assert "not in the toy world" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_demo_per_expert_uniform_two_steps(tmp_path):
+    out = tmp_path / "demo2"
+    r = subprocess.run(
+        [sys.executable, "-m", "dcm_core", "demo", "--preset", "per-expert-uniform", "--semantic-steps", "1",
+         "--detail-steps", "1", "--out", str(out), "--scale", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["experts"] == ["semantic", "detail"] and len(m["sigmas"]) == 3
+    assert m["methods"]["dcm_2step"]["model_calls"] == 2
+    assert {"dcm_2step.gif", "euler_2step.gif"} <= {p.name for p in out.iterdir()}
