@@ -299,3 +299,22 @@ def test_header_length_that_looks_like_pickle_magic(tmp_path):
     p = _raw(tmp_path / "x.safetensors", body, b"\0" * 4)
     assert p.read_bytes()[:2] == b"\x80\x01"
     assert read_header(p).shapes == {"a": (1,)}
+
+
+def test_converting_reads_equal_to_and_share_no_memory(tmp_path):
+    """Reads that convert go through one reused scratch buffer; every returned tensor is still its own."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(*shape, generator=g) * 100
+               for i, shape in enumerate([(7, 5), (64, 33), (3,), (2, 2, 9), (64, 33)])}  # fmt: skip
+    tensors["empty"] = torch.zeros(0, 4)
+    path = tmp_path / "f.safetensors"
+    save_file(tensors, str(path))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        with SafeReader(path) as r:
+            got = {k: r.get(k, dtype) for k in r.keys()}
+        for k, t in tensors.items():
+            assert got[k].dtype == dtype and got[k].shape == t.shape
+            assert torch.equal(got[k], t.to(dtype)), (k, dtype)  # same rounding as .to()
+            assert got[k].untyped_storage().resizable()  # owns its memory
+        ptrs = [t.untyped_storage().data_ptr() for t in got.values() if t.numel()]
+        assert len(set(ptrs)) == len(ptrs)
