@@ -22,7 +22,7 @@ WORKFLOWS = sorted(p.name for p in UI_DIR.glob("*.json"))
 CORE = {
     "CLIPLoader", "DualCLIPLoader", "CLIPTextEncode", "VAELoader", "EmptyHunyuanLatentVideo", "VAEDecode",
     "VAEDecodeTiled", "CreateVideo", "SaveVideo", "FluxGuidance", "UNETLoader", "LoraLoaderModelOnly",
-    "KSamplerSelect", "RandomNoise", "SamplerCustomAdvanced", "PreviewImage", "SaveLatent", "SaveAnimatedWEBP", "Note", "MarkdownNote",
+    "KSamplerSelect", "RandomNoise", "SamplerCustomAdvanced", "PreviewImage", "SaveLatent", "SaveAnimatedWEBP", "ImageScale", "Note", "MarkdownNote",
 }
 TEST_ONLY = {"DCMTestConditioning", "DCMTestCapture", "DCMTestRecordCalls"}
 
