@@ -3,8 +3,7 @@
 Pipeline (every stage is project code; the DCM stages go through the real trainer CLI,
 ``python -m dcm_core train``, exactly as a user would run it):
 
-1. teacher      — flow matching on clips drawn from the toy world (:mod:`dcm_core.toy.teacher`), in two
-                  phases: 4000 steps from scratch at lr 1e-3, then 4000 more from that result at lr 3e-4;
+1. teacher      — flow matching on clips drawn from the toy world (:mod:`dcm_core.toy.teacher`);
 2. dataset      — ``--clips`` clips written in the trainer's latent-dataset format (raw-latent
                   convention: ``latents.from_model_space``, so the trainer's normalisation
                   gives back the toy latent);
@@ -99,7 +98,7 @@ def _train(stage: str, out: Path, overrides: list[str], log_file: Path) -> float
     return time.time() - t0
 
 
-def build(work: Path, *, teacher_steps: int, refine_steps: int, semantic_steps: int, detail_steps: int, clips: int, seed: int,
+def build(work: Path, *, teacher_steps: int, semantic_steps: int, detail_steps: int, clips: int, seed: int,
           ablations: bool, bundle: bool, weights_dir: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     times_file = work / "times.json"  # wall seconds of every stage built in this folder, kept across runs
@@ -111,23 +110,12 @@ def build(work: Path, *, teacher_steps: int, refine_steps: int, semantic_steps: 
         times[name] = seconds
         times_file.write_text(json.dumps(times, indent=1))
 
-    # teacher, phase 1 (from scratch, lr 1e-3 cosine) then phase 2 (from phase 1, lr 3e-4 cosine): the second
-    # phase sharpened the shapes and their motion visibly (the distillation stages use its result)
-    phase1_dir = work / "teacher"
-    phase1 = T.TeacherConfig(steps=teacher_steps, seed=seed)
-    phase2 = T.TeacherConfig(steps=refine_steps, seed=seed + 1, lr=3e-4, warmup=50, init_from=str(phase1_dir))
-    if not (phase1_dir / "config.json").exists():
+    teacher_dir = work / "teacher"
+    if not (teacher_dir / "config.json").exists():
         t0 = time.time()
-        T.train_teacher(phase1, out_dir=phase1_dir, log_every=max(1, teacher_steps // 40), log_file=work / "teacher.log")
+        T.train_teacher(T.TeacherConfig(steps=teacher_steps, seed=seed), out_dir=teacher_dir,
+                        log_every=max(1, teacher_steps // 40), log_file=work / "teacher.log")
         done("teacher", time.time() - t0)
-    teacher_dir = phase1_dir
-    if refine_steps > 0:
-        teacher_dir = work / "teacher_refined"
-        if not (teacher_dir / "config.json").exists():
-            t0 = time.time()
-            T.train_teacher(phase2, out_dir=teacher_dir, log_every=max(1, refine_steps // 40),
-                            log_file=work / "teacher_refined.log")
-            done("teacher_refined", time.time() - t0)
     data_dir = work / "data"
     if not (data_dir / "videos2caption.json").exists():
         t0 = time.time()
@@ -160,8 +148,7 @@ def build(work: Path, *, teacher_steps: int, refine_steps: int, semantic_steps: 
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
         "seed": seed,
-        "teacher": {"architecture": T.TOY_WAN, "phase1": {**phase1.__dict__, "init_from": None},
-                    "phase2": ({**phase2.__dict__, "init_from": "phase1"} if refine_steps > 0 else None)},
+        "teacher": {"architecture": T.TOY_WAN, "config": T.TeacherConfig(steps=teacher_steps, seed=seed).__dict__},
         "world": {"size": world.SIZE, "frames": world.FRAMES, "text_tokens": world.TEXT_TOKENS,
                   "dataset_clips": clips},
         "commands": commands,
@@ -213,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcm_core.toy.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/toy", help="working folder for runs and logs (default runs/toy)")
-    p.add_argument("--teacher-steps", type=int, default=T.TeacherConfig.steps, help="teacher phase 1 steps")
-    p.add_argument("--refine-steps", type=int, default=4000, help="teacher phase 2 steps (0: none)")
+    p.add_argument("--teacher-steps", type=int, default=T.TeacherConfig.steps)
     p.add_argument("--semantic-steps", type=int, default=600)
     p.add_argument("--detail-steps", type=int, default=200)
     p.add_argument("--clips", type=int, default=1024, help="clips in the distillation dataset")
@@ -229,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     # and training becomes many times slower (measured); --threads 2 helps only on an idle machine.
     torch.set_num_threads(a.threads)
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # for the trainer subprocesses
-    m = build(Path(a.work), teacher_steps=a.teacher_steps, refine_steps=a.refine_steps, semantic_steps=a.semantic_steps,
+    m = build(Path(a.work), teacher_steps=a.teacher_steps, semantic_steps=a.semantic_steps,
               detail_steps=a.detail_steps, clips=a.clips, seed=a.seed, ablations=a.ablations,
               bundle=not a.no_bundle, weights_dir=Path(a.weights_dir))
     print(json.dumps(m["wall_seconds"], indent=1))

@@ -150,7 +150,7 @@ def run_demo(
         "boundary_timestep": M.BOUNDARY,
         "load_seconds": round(t_load, 3),
         "methods": results,
-        "files": sorted(p.name for p in out.iterdir()),
+        "files": sorted({p.name for p in out.iterdir()} | {"metrics.json"}),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -38,7 +38,6 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     seed: int = 0
     grad_clip: float = 1.0
-    init_from: str | None = None  # continue from a saved teacher (a second, lower-lr phase) instead of a fresh init
 
 
 def batch(rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,16 +56,11 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None, progres
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if cfg.init_from:
-        from diffusers import WanTransformer3DModel
-
-        model = WanTransformer3DModel.from_pretrained(cfg.init_from, torch_dtype=torch.float32).train()
-    else:
-        model = tiny.build_transformer(FAMILY_WAN, tiny.wan_config(**TOY_WAN), seed=cfg.seed).train()
-        # Standard init for training from scratch (tiny.randomize_ uses a flat N(0, 0.02)).
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                torch.nn.init.zeros_(p)
+    model = tiny.build_transformer(FAMILY_WAN, tiny.wan_config(**TOY_WAN), seed=cfg.seed).train()
+    # Standard init for training from scratch (tiny.randomize_ uses a flat N(0, 0.02)).
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(p)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
 
     def lr_at(step: int) -> float:
