@@ -66,7 +66,7 @@ EXPERT_LOADER_DESC = (
     "ordinary style LoRA use LoraLoaderModelOnly."
 )
 EXPERT_MODEL = "The semantic expert (or the base model the detail expert was trained on)."
-EXPERT_LORA_NAME = "A DCM detail-expert file in models/loras (e.g. dcm_wan2.1_t2v_1.3b_detail.safetensors)."
+EXPERT_LORA_NAME = "A DCM detail-expert file in models/loras (e.g. dcm_wan2.1_t2v_1.3b_detail_expert.safetensors)."
 EXPERT_STRENGTH = "How strongly the detail expert is applied. 1.0 is the trained expert; 0 returns the model unchanged."
 EXPERT_OUT = "The model with the detail expert applied."
 
