@@ -74,14 +74,14 @@ def evaluate(weights: Path = M.WEIGHTS_DIR, runs: Path | None = Path("runs/toy")
     scheds = [(label, schedule_sigmas(spec)) for label, spec in schedules]
 
     def methods(few):
-        out = {k: (lambda mdl: (lambda n, c: M.sample_experts(mdl, n, c, few)))(m) for k, m in experts.items()}
+        out = {k: (lambda n, c, m=m: M.sample_experts(m, n, c, few)) for k, m in experts.items()}
         out["euler"] = lambda n, c: M.sample_single(bundle.teacher, n, c, few)
         if bundle.vcm is not None:
             out["single_expert_cm"] = lambda n, c: M.sample_single(bundle.vcm, n, c, few)
         return out
 
-    keys = list(methods([1.0, 0.0]))
-    scores = {label: {k: {"mse": [], "motion": [], "seconds": []} for k in keys} for label, _ in scheds}
+    runners = {label: methods(few) for label, few in scheds}
+    scores = {label: {k: {"mse": [], "motion": [], "seconds": []} for k in fns} for label, fns in runners.items()}
     teacher = {"motion": [], "seconds": []}
     truth_motion = []
     for p in prompts:
@@ -92,8 +92,8 @@ def evaluate(weights: Path = M.WEIGHTS_DIR, runs: Path | None = Path("runs/toy")
             ref = M.sample_single(bundle.teacher, noise, ctx, M.teacher_sigmas())
             teacher["seconds"].append(time.perf_counter() - t0)
             teacher["motion"].append(world.motion_error(world.latent_to_frames(ref[0]), p))
-            for label, few in scheds:
-                for key, fn in methods(few).items():
+            for label, fns in runners.items():
+                for key, fn in fns.items():
                     t0 = time.perf_counter()
                     lat = fn(noise, ctx)
                     sc = scores[label][key]
