@@ -158,3 +158,15 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for tier, why in sorted(_SKIPPED_TIERS.items()):
         terminalreporter.write_line(f"SKIP {tier} tier: {why}", yellow=True, bold=True)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test, the previous count restored after: tiny tensors on a shared
+    2-core machine run faster and keep CPU times honest. Folders opt in with an autouse ``_one_thread``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,23 +18,8 @@ REL_UNIT = Path(__file__).resolve().parents[2] / "unit" / "reliability"
 if str(REL_UNIT) not in sys.path:
     sys.path.insert(0, str(REL_UNIT))
 
-import rel_registry  # noqa: E402
-
-
-def pytest_configure(config):
-    rel_registry.configure(config)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
-    rel_registry.begin_test(xfail=item.get_closest_marker("xfail") is not None)
-    outcome = yield
-    rel_registry.end_test(outcome.excinfo is not None)
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    rel_registry.terminal_summary(terminalreporter)
-
+# the shared reliability hooks (counts per property, the figures table)
+from rel_registry import pytest_configure, pytest_runtest_call, pytest_terminal_summary  # noqa: E402, F401
 
 # --------------------------------------------------------------------------- fault-injection nodes
 
@@ -162,10 +147,5 @@ def faults(comfy):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (tests/conftest.py: one_torch_thread)."""

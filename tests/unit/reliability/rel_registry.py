@@ -19,6 +19,8 @@ import re
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[3]
 OUT_DIR = ROOT / "tests" / "_output" / "reliability"
 
@@ -234,3 +236,22 @@ def terminal_summary(terminalreporter) -> None:
         tr.write_line(f"(written to {OUT_DIR.relative_to(ROOT)}/)")
     except OSError as e:  # pragma: no cover - read-only checkout
         tr.write_line(f"(could not write {OUT_DIR}: {e})")
+
+
+# --------------------------------------------------------------------------- pytest hooks
+# Both tiers' reliability conftest.py import these three (pytest collects hooks from a conftest's namespace).
+
+
+def pytest_configure(config):
+    configure(config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    begin_test(xfail=item.get_closest_marker("xfail") is not None)
+    outcome = yield
+    end_test(outcome.excinfo is not None)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminal_summary(terminalreporter)

@@ -20,11 +20,8 @@ TINY = {"wan": "{dim = 128, num_layers = 2, ffn_dim = 256}", "hunyuan_video": "{
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (tests/conftest.py: one_torch_thread)."""
 
 
 @pytest.fixture(autouse=True)
