@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import DCMConfigError
-from .schedule import DETAIL, FAMILY_HUNYUAN, FAMILY_WAN, SEMANTIC, Expert
+from .schedule import DETAIL, FAMILY_HUNYUAN, FAMILY_WAN, NUM_TRAIN_TIMESTEPS, SEMANTIC, Expert
 
 #: PEFT adapter name of the detail expert in the official checkpoint.
 DETAIL_ADAPTER = "lora1"
@@ -169,6 +169,13 @@ def _swap(model: nn.Module, fam: str) -> None:
         model._modules[base], model._modules[extra] = b, a
 
 
+def model_timesteps(sigma: float | torch.Tensor, batch: int, device: torch.device | str) -> torch.Tensor:
+    """The network's timesteps ``t = 1000·σ`` in fp32, one per sample (a single σ is broadcast to ``batch``)."""
+    sigma = sigma if isinstance(sigma, torch.Tensor) else torch.tensor(float(sigma))
+    t = sigma.to(device=device, dtype=torch.float32).reshape(-1) * float(NUM_TRAIN_TIMESTEPS)
+    return t.expand(batch) if t.numel() == 1 and batch > 1 else t
+
+
 def velocity(
     model: nn.Module,
     x: torch.Tensor,
@@ -178,12 +185,7 @@ def velocity(
     **kwargs,
 ) -> torch.Tensor:
     """One forward of ``expert`` at noise level ``sigma`` (timestep ``1000·σ``), returning v."""
-    b = x.shape[0]
-    if isinstance(sigma, torch.Tensor):
-        t = (sigma.to(torch.float32) * 1000.0).reshape(-1).expand(b) if sigma.numel() == 1 else sigma * 1000.0
-    else:
-        t = torch.full((b,), float(sigma), dtype=torch.float32) * 1000.0
-    t = t.to(x.device)
+    t = model_timesteps(sigma, x.shape[0], x.device)
     with expert_mode(model, expert):
         out = model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False, **kwargs)[0]
     return out

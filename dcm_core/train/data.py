@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DCMConfigError, DCMFileNotFoundError, DCMFormatError
+from ..formats.safetensors_io import atomic_output, save_state_dict
 
 log = logging.getLogger("DCM.train")
 
@@ -412,19 +413,17 @@ def write_latent_dataset(
     """Write a dataset in the format above (used by preprocess and the tests).
 
     Each item: ``{"name", "latent", "prompt_embed", "prompt_attention_mask", "caption", ...extra}``.
-    Files are written with safetensors; the JSON last and atomically.
+    Every file is written atomically (temporary name, fsync, rename); the JSON last.
     """
-    from safetensors.torch import save_file
-
     root = Path(root)
     for d in (LATENT_DIR, EMBED_DIR, MASK_DIR):
         (root / d).mkdir(parents=True, exist_ok=True)
     records = []
     for it in items:
         name = f"{it['name']}.safetensors"
-        save_file({"latent": it["latent"].contiguous()}, str(root / LATENT_DIR / name))
-        save_file({"prompt_embed": it["prompt_embed"].contiguous()}, str(root / EMBED_DIR / name))
-        save_file({"prompt_attention_mask": it["prompt_attention_mask"].contiguous()}, str(root / MASK_DIR / name))
+        save_state_dict({"latent": it["latent"].contiguous()}, root / LATENT_DIR / name)
+        save_state_dict({"prompt_embed": it["prompt_embed"].contiguous()}, root / EMBED_DIR / name)
+        save_state_dict({"prompt_attention_mask": it["prompt_attention_mask"].contiguous()}, root / MASK_DIR / name)
         rec = {
             "latent_path": name,
             "prompt_embed_path": name,
@@ -441,21 +440,11 @@ def write_latent_dataset(
 
 
 def write_uncond(root: str | Path, embed: torch.Tensor, mask: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
     d = Path(root) / UNCOND_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({"prompt_embed": embed.contiguous()}, str(d / "prompt_embed.safetensors"))
-    save_file({"prompt_attention_mask": mask.contiguous()}, str(d / "prompt_attention_mask.safetensors"))
+    save_state_dict({"prompt_embed": embed.contiguous()}, d / "prompt_embed.safetensors")
+    save_state_dict({"prompt_attention_mask": mask.contiguous()}, d / "prompt_attention_mask.safetensors")
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    import os
-
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_output(path, "w") as fh:
         json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)

@@ -41,12 +41,9 @@ from ..errors import DCMCheckpointError, DCMConfigError, DCMError, DCMWriteError
 from ..modeling import DETAIL_ADAPTER, LORA_TARGET_MODULES, family_of_model
 from . import checkpoint as ck
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig, from_dict
-from .models import TRANSFORMER_WEIGHTS, build_student, merged_semantic_state_dict
+from .models import DTYPES, TRANSFORMER_WEIGHTS, build_student, merged_semantic_state_dict
 
 log = logging.getLogger("DCM.train")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def export_model(
     cfg: TrainConfig,

@@ -239,18 +239,6 @@ def _local_rows(like: torch.Tensor) -> tuple[int, int] | None:
     return start, stop
 
 
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A tensor sharded like ``like`` holding ``full`` (no communication: each process copies its rows)."""
-    if not is_sharded(like):
-        return full.to(like.device, like.dtype)
-    if tuple(full.shape) != tuple(like.shape):
-        raise DCMConfigError(f"tensor of shape {tuple(full.shape)} cannot fill a parameter of shape {tuple(like.shape)}.")
-    start, stop = _local_rows(like)
-    out = torch.zeros_like(like)
-    out.to_local().copy_(full[start:stop])
-    return out
-
-
 class ShardedReader:
     """Read safetensors entries as plain tensors or, given a sharded ``like``, only this process's rows."""
 

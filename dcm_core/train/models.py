@@ -30,15 +30,16 @@ import torch
 from torch import nn
 
 from ..errors import DCMCheckpointError, DCMConfigError, DCMFileNotFoundError
+from ..formats.safetensors_io import DTYPE_NAMES
 from ..modeling import (
     DETAIL_ADAPTER,
     EXPERT_MODULES,
-    LORA_TARGET_MODULES,
     add_detail_expert,
     expert_mode,
     family_of_model,
+    model_timesteps,
 )
-from ..schedule import FAMILIES, FAMILY_HUNYUAN, FAMILY_WAN, NUM_TRAIN_TIMESTEPS
+from ..schedule import FAMILIES, FAMILY_HUNYUAN, FAMILY_WAN
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
 
 log = logging.getLogger("DCM.train")
@@ -48,7 +49,8 @@ SEMANTIC_ADAPTER = "semantic"
 TINY_PREFIX = "tiny:"
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Weight / storage dtypes the trainer, its export and preprocess accept (a subset of the formats' names).
+DTYPES = {k: DTYPE_NAMES[k] for k in ("fp32", "bf16", "fp16")}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -194,13 +196,7 @@ def merged_semantic_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for layer in m.modules():
             if isinstance(layer, BaseTunerLayer):
                 layer.merge(adapter_names=[SEMANTIC_ADAPTER])
-    sd = m.state_dict()
-    out = {}
-    for k, v in sd.items():
-        if ".lora_A." in k or ".lora_B." in k:
-            continue
-        out[k.replace(".base_layer.", ".")] = v.detach()
-    return out
+    return {k: v.detach() for k, v in semantic_state_dict(m.state_dict()).items()}
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -266,15 +262,6 @@ class Conditioning:
             )
         return cls(family, embeds[:, 1:], masks, embeds[:, 0, :pooled_dim], guidance)
 
-    def select(self, rows: torch.Tensor | list[int]) -> "Conditioning":
-        return Conditioning(
-            self.family,
-            self.context[rows],
-            self.mask[rows],
-            None if self.pooled is None else self.pooled[rows],
-            self.guidance,
-        )
-
     def kwargs(self, dtype: torch.dtype) -> dict[str, Any]:
         kw: dict[str, Any] = {"encoder_hidden_states": self.context.to(dtype)}
         if self.family == FAMILY_HUNYUAN:
@@ -311,9 +298,7 @@ def call_velocity(
     the unwrapped module on which :func:`dcm_core.modeling.expert_mode` selects the expert.
     """
     dtype = param_dtype(model)
-    t = sigma.to(device=x.device, dtype=torch.float32).reshape(-1) * float(NUM_TRAIN_TIMESTEPS)
-    if t.numel() == 1 and x.shape[0] > 1:
-        t = t.expand(x.shape[0])
+    t = model_timesteps(sigma, x.shape[0], x.device)
     with expert_mode(model, expert):
         out = call(hidden_states=x.to(dtype), timestep=t, return_dict=False, **cond.kwargs(dtype))[0]
     return out.float()
@@ -357,7 +342,7 @@ def freeze(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def build_student(cfg: TrainConfig, family_hint: str | None = None, *, pretrained: nn.Module | None = None) -> nn.Module:
+def build_student(cfg: TrainConfig, *, pretrained: nn.Module | None = None) -> nn.Module:
     """The stage's student (trainable parameters marked) — also used by export to rebuild it."""
     m = cfg.model
     if cfg.stage == STAGE_SEMANTIC:
@@ -401,10 +386,10 @@ def build_models(cfg: TrainConfig) -> StageModels:
     tdtype = _dtype_of(m.teacher_dtype, cfg.mixed_precision)
     if cfg.stage == STAGE_SEMANTIC:
         teacher = None if m.semantic_lora else cast_frozen(freeze(copy.deepcopy(pretrained)), tdtype)
-        student = build_student(cfg, family, pretrained=pretrained)
+        student = build_student(cfg, pretrained=pretrained)
         expert = STAGE_SEMANTIC
     else:
-        student = build_student(cfg, family, pretrained=pretrained)
+        student = build_student(cfg, pretrained=pretrained)
         teacher = cast_frozen(freeze(pretrained), tdtype)
         expert = STAGE_DETAIL
     if family_of_model(student) != family:
@@ -415,6 +400,3 @@ def build_models(cfg: TrainConfig) -> StageModels:
         raise DCMConfigError("internal: the detail student has no 'lora1' adapter")
     return StageModels(family, student, teacher, expert)
 
-
-def lora_targets() -> tuple[str, ...]:
-    return LORA_TARGET_MODULES

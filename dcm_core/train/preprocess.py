@@ -29,7 +29,6 @@ import argparse
 import csv
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,10 @@ from typing import Any
 import torch
 
 from ..errors import DCMConfigError, DCMFileNotFoundError
+from ..formats.safetensors_io import save_state_dict
 from ..schedule import FAMILY_HUNYUAN, FAMILY_WAN
 from .data import DATA_JSON, EMBED_DIR, LATENT_DIR, MASK_DIR, UNCOND_DIR, write_json_atomic
+from .models import DTYPES
 from .video_io import VideoReadError, largest_4k1, read_frames, resize_cover_crop, select_frames
 
 log = logging.getLogger("DCM.train")
@@ -48,9 +49,6 @@ VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 DEFAULT_TEXT_TOKENS = {FAMILY_WAN: 512, FAMILY_HUNYUAN: 256}
 CLIP_TOKENS = 77
 HY_HIDDEN_LAYERS_TO_SKIP = 2
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 # ---------------------------------------------------------------------------- captions
 
 
@@ -205,11 +203,7 @@ class PreprocessReport:
 
 
 def _save_atomic(path: Path, key: str, t: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({key: t.contiguous()}, str(tmp))
-    os.replace(tmp, path)
+    save_state_dict({key: t.contiguous()}, path)
 
 
 def preprocess(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..flow import add_noise, flow_step, renoise
-from ..schedule import DCM_SHIFT, NUM_TRAIN_TIMESTEPS, PCM_GRID_STEPS, pcm_grid
+from ..schedule import DCM_SHIFT, PCM_GRID_STEPS, pcm_grid
 from .config import STAGE_DETAIL, STAGE_SEMANTIC
 
 
@@ -135,11 +135,6 @@ class PCMSolver:
         """``x_t = σ·ε + (1−σ)·x0``."""
         return add_noise(x0, noise, sigma)
 
-    @staticmethod
-    def jump(x: torch.Tensor, v: torch.Tensor, sigma_from, sigma_to) -> torch.Tensor:
-        """PCM single-phase prediction / Euler step ``x + (σ_to − σ_from)·v``."""
-        return flow_step(x, v, sigma_from, sigma_to)
-
     def teacher_step(self, x_t: torch.Tensor, v_teacher: torch.Tensor, draw: IndexDraw) -> torch.Tensor:
         """One teacher Euler step down the grid: ``x' = x_t + (σ' − σ)·v_T`` (official ``euler_step``)."""
         return flow_step(x_t, v_teacher, draw.sigma, draw.sigma_prev)
@@ -162,8 +157,3 @@ class PCMSolver:
         """Re-noise ŷ (fake) and y (real) from σ_end to σ_a with ONE shared noise (dcm-method.md §6.2 step 5)."""
         end = self.sigma_boundary
         return renoise(fake_x0, noise, end, sigma_a), renoise(real_x0, noise, end, sigma_a)
-
-    @staticmethod
-    def timesteps(sigma: torch.Tensor) -> torch.Tensor:
-        """Network timesteps ``t = 1000·σ`` (float)."""
-        return sigma.to(torch.float32) * float(NUM_TRAIN_TIMESTEPS)

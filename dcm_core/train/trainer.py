@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import DCMCheckpointError, DCMConfigError
 from ..latents import from_model_space, to_model_space
-from ..schedule import FAMILY_WAN, build_sigmas, pcm_default_sigmas
+from ..schedule import DEFAULT_PRESET, FAMILY_WAN, build_sigmas, pcm_default_sigmas
 from . import checkpoint as ck
 from . import fsdp as fs
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
@@ -269,7 +269,6 @@ class DCMTrainer:
         n_proc, rank = acc.num_processes, acc.process_index
         self.slots = [i * n_proc + rank for i in range(cfg.data.batch_size)]
         self.gens = [torch.Generator().manual_seed(cfg.seed * 1000 + 17 + j) for j in self.slots]
-        self.gen = self.gens[0]
         self.shared_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
         self._seed_everything(cfg.seed + acc.process_index)
         self.global_step = 0
@@ -528,13 +527,12 @@ class DCMTrainer:
 
         # 5. generator update
         grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.optim.max_grad_norm)
-        grad_norm = fs.full_tensor(grad_norm) if isinstance(grad_norm, torch.Tensor) else grad_norm
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
-        logs["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        logs["grad_norm"] = fs.to_float(grad_norm)
         logs["lr"] = float(self.lr_scheduler.get_last_lr()[0])
 
         # 6. discriminator update on the (detached) features of this step
@@ -553,7 +551,7 @@ class DCMTrainer:
             d_norm = acc.clip_grad_norm_(self.disc.parameters(), cfg.optim.max_grad_norm)
             self.d_optimizer.step()
             self.d_optimizer.zero_grad(set_to_none=True)
-            logs["d_grad_norm"] = float(d_norm) if d_norm is not None else 0.0
+            logs["d_grad_norm"] = fs.to_float(d_norm)
         return logs
 
     def _no_sync(self, module: nn.Module) -> Any:
@@ -749,7 +747,7 @@ class DCMTrainer:
         elif cfg.stage == STAGE_SEMANTIC:
             sigmas = pcm_default_sigmas(v.steps, cfg.schedule.shift)
         else:
-            sigmas = build_sigmas("wan2.1-t2v-6step" if self.family == FAMILY_WAN else "hunyuan-t2v-4step")
+            sigmas = build_sigmas(DEFAULT_PRESET[self.family])
         shape = batch.latents.shape
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(v.seed)).to(self.accelerator.device)
 
