@@ -163,7 +163,7 @@ def _write_pair(
             if os.path.realpath(p) == src_real:
                 raise DCMConfigError(f"output {p} would overwrite the input file; choose another --out-dir or --name.")
 
-    plan = plan_official(header)
+    plan = plan_official(header, info.layout)
     lay = plan.layout
     ent = header.entries
     sem_plan = [

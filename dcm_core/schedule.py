@@ -92,9 +92,6 @@ class PCMGrid:
     def num_steps(self) -> int:
         return len(self.sigmas)
 
-    def timestep(self, k: int) -> float:
-        return NUM_TRAIN_TIMESTEPS * self.sigmas[k]
-
 
 def pcm_grid(shift: float = DCM_SHIFT, steps: int = PCM_GRID_STEPS) -> PCMGrid:
     """Build the PCM grid exactly as DCM's ``EulerSolver`` does (dcm-method.md §2).
@@ -311,13 +308,3 @@ def build_sigmas(
     if preset == PRESET_CUSTOM:
         return parse_custom_sigmas(custom_sigmas)
     raise DCMScheduleError(f"Unknown preset {preset!r}. Choose one of: {', '.join(PRESET_NAMES)}.")
-
-
-def describe_schedule(sigmas: Sequence[float], boundary_timestep: float) -> str:
-    """One line per step: ``step i: σ → σ' (t=…) [expert]`` (for logs and --help output)."""
-    s = list(sigmas)
-    experts = route(s, boundary_timestep)
-    return "\n".join(
-        f"step {i}: sigma {s[i]:.6g} -> {s[i + 1]:.6g} (t={timestep_of(s[i]):.2f}) {experts[i]}"
-        for i in range(len(s) - 1)
-    )

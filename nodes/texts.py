@@ -37,7 +37,6 @@ PRESET = (
     "steps evenly inside each expert's part of the training grid; pcm-default is the PCM spacing; custom takes "
     "your own list."
 )
-SIGMAS = "A sigma list from 1.0 (pure noise) down to 0 (clean), e.g. from DCM Schedule."
 
 # --------------------------------------------------------------------------- DCMCheckpointLoader
 

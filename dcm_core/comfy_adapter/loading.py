@@ -222,9 +222,8 @@ def _model_from_state_dict(sd: dict, model_options: dict) -> Any:
     (``load_state_dict``), so while it runs the process holds every weight twice (2× the model for a
     bf16 1.3B Wan: 5.7 GB instead of 2.8 GB). Here the same steps run (prefix, model detection,
     storage / compute dtype, ``get_model``), then each tensor *becomes* its parameter (converted only
-    if ComfyUI chose another dtype or device; copied if it is a view of the file it was read from) and
-    is dropped from ``sd`` at once: the untouched empty parameters are never paged in, and peak RAM
-    stays ~1× the model. Anything unexpected (no model config, a diffusers-layout state dict) goes
+    if ComfyUI chose another dtype or device) and is dropped from ``sd`` at once: the untouched empty
+    parameters are never paged in, and peak RAM stays ~1× the model. Anything unexpected (no model config, a diffusers-layout state dict) goes
     through the stock call unchanged.
     """
     import comfy.model_detection
@@ -269,15 +268,6 @@ def _model_from_state_dict(sd: dict, model_options: dict) -> Any:
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
-def _own_memory(tensors: dict) -> None:
-    """Copy (in place in the dict) every tensor that is a view of memory it does not own — a tensor read
-    without conversion is a view of the safetensors file mapping, and one such view keeps the whole file
-    mapped (counted in RSS) and makes the cached expert depend on the file staying unchanged."""
-    for k, t in tensors.items():
-        if isinstance(t, torch.Tensor) and not t.untyped_storage().resizable():
-            tensors[k] = t.clone()
-
-
 def _assign_weights(module: torch.nn.Module, to_load: dict) -> None:
     """``module.load_state_dict(to_load, strict=False)`` by assignment, emptying ``to_load`` as it goes."""
     slots: dict[str, tuple[torch.nn.Module, str, bool]] = {}
@@ -304,13 +294,10 @@ def _assign_weights(module: torch.nn.Module, to_load: dict) -> None:
                     f"{CHECKPOINT_NODE}: tensor '{key}' has shape {tuple(t.shape)} but ComfyUI's model expects "
                     f"{tuple(old.shape)}; the file is damaged or was edited."
                 )
+            # the pack's reader returns tensors that own their memory (never views of the file), so the
+            # model does not depend on the file after loading
             if t.dtype != old.dtype or t.device != old.device:
                 t = t.to(device=old.device, dtype=old.dtype)
-            elif not t.untyped_storage().resizable():
-                # memory the tensor does not own: a view of the safetensors file mapping (a tensor read
-                # without conversion). The model must not depend on the file after loading (a file
-                # replaced in place would change or, truncated, crash it): own a copy, as ComfyUI does.
-                t = t.clone()
             if is_param:
                 mod._parameters[n] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
             else:
@@ -420,7 +407,6 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
         raise _with_node(node, e) from e
     STATS["checkpoint_reads"] += 1
     semantic_sd, expert, family = bundle.semantic_sd, bundle.detail, bundle.family
-    _own_memory(expert.patches)
     bundle.semantic_sd = {}
     del bundle  # the build below takes the converted tensors over as the model's weights (no second copy)
     base = build_semantic_model(semantic_sd, weight_dtype, family=family, name=ckpt_name)
@@ -448,7 +434,6 @@ def load_expert_lora(model: Any, lora_name: str, strength: float = 1.0) -> Any:
     if detail is None:
         try:
             detail = load_detail_expert(path)
-            _own_memory(detail.patches)
         except DCMError as e:
             raise _with_node(node, e) from e
         STATS["expert_reads"] += 1

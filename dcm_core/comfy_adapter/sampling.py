@@ -373,17 +373,9 @@ def sample_dual_expert(
 ) -> dict:
     """``DCM Dual-Expert Sampler``: noise from ``seed`` as stock KSampler makes it, then the guider + euler."""
     node = SAMPLER_NODE
-    values = sigma_list(sampler_sigmas(preset, boundary_timestep, sigmas), node=node)
-    try:
-        validate_boundary(boundary_timestep)
-    except DCMScheduleError as e:
-        raise DCMScheduleError(f"{node}: {e}") from None
-    check_models(semantic, detail, node=node)
+    values = sampler_sigmas(preset, boundary_timestep, sigmas)
     latent_image = comfy.sample.fix_empty_latent_channels(semantic, latent["samples"])
-    check_latent(semantic, latent_image, node=node)
-    uses_negative = not (math.isclose(cfg_semantic, 1.0) and math.isclose(cfg_detail, 1.0))
-    check_batches(positive, negative if uses_negative else None, int(latent_image.shape[0]), node=node)
-
+    # the boundary, models, latent and batches are checked by DualExpertGuider.sample, before any model work
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     guider = DualExpertGuider(semantic, detail, boundary_timestep, cfg_semantic, cfg_detail, node=node)
     guider.set_conds(positive, negative)

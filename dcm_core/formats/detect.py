@@ -85,6 +85,8 @@ class FileInfo:
     metadata: dict = field(default_factory=dict)
     #: Extra human notes (how to use the file, warnings).
     notes: tuple[str, ...] = ()
+    #: Official files: the parsed :class:`OfficialLayout`, so loading / converting need not parse again.
+    layout: "OfficialLayout | None" = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -188,10 +190,6 @@ class OfficialLayout:
     alpha: float
     alpha_source: str
     notes: list[str] = field(default_factory=list)
-
-
-def _family_from_keys(keys: list[str]) -> str | None:
-    return km.detect_family_diffusers(keys) or km.detect_family_comfy(keys)
 
 
 def _alpha_from_metadata(meta: Mapping[str, str]) -> tuple[float, str] | None:
@@ -498,6 +496,7 @@ def info_from_header(header: Header) -> FileInfo:
             schedule=DEFAULT_PRESET[lay.family],
             notes=tuple(lay.notes)
             + ("convert it with `python -m dcm_core convert FILE --out-dir DIR`, or load it with the DCM Checkpoint Loader node",),
+            layout=lay,
             **common,
         )
     if any(is_lora_key(k) for k in keys):

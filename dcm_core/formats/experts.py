@@ -18,6 +18,7 @@ single-block mlp part, s = α/r baked in, ``.alpha`` = 3r so ComfyUI's scale is 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,6 @@ from .detect import (
     KIND_DETAIL,
     KIND_OFFICIAL,
     KIND_SEMANTIC,
-    ROLE_DETAIL,
     ROLE_SEMANTIC,
     FileInfo,
     OfficialLayout,
@@ -439,14 +439,21 @@ def _wrong_kind(info: FileInfo, wanted: str) -> DCMUnsupportedFileError:
     return DCMUnsupportedFileError(unsupported_message(info, wanted=wanted))
 
 
-def load_detail_expert(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> DetailExpert:
+def _header_and_info(path: str | os.PathLike, header: Header | None, info: FileInfo | None) -> tuple[Header, FileInfo]:
+    """``path``'s validated header and what it is, unless the caller has read them already."""
+    header = header or read_header(path)
+    return header, info or info_from_header(header)
+
+
+def load_detail_expert(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, header: Header | None = None, info: FileInfo | None = None
+) -> DetailExpert:
     """Load a pack-native ``*_detail_expert.safetensors`` file.
 
     An official combined checkpoint is refused with a pointer to the DCM Checkpoint Loader; an
     unrelated LoRA / base model with a pointer to LoraLoaderModelOnly / UNETLoader.
     """
-    header = read_header(path)
-    info = info_from_header(header)
+    header, info = _header_and_info(path, header, info)
     if info.kind != KIND_DETAIL:
         raise _wrong_kind(info, "a DCM detail expert (*_detail_expert.safetensors)")
     validate_patches(header.path, header.shapes, info.family, info.dims)
@@ -481,10 +488,11 @@ def _find_partner(path: str, name: str, search_dirs: Sequence[str | os.PathLike]
     )
 
 
-def load_semantic(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> tuple[FileInfo, dict[str, torch.Tensor]]:
+def load_semantic(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, header: Header | None = None, info: FileInfo | None = None
+) -> tuple[FileInfo, dict[str, torch.Tensor]]:
     """Read a pack-native semantic file (bare ComfyUI keys), optionally cast to ``dtype``."""
-    header = read_header(path)
-    info = info_from_header(header)
+    header, info = _header_and_info(path, header, info)
     if info.kind != KIND_SEMANTIC:
         raise _wrong_kind(info, "a DCM semantic expert")
     sd = {}
@@ -493,15 +501,15 @@ def load_semantic(path: str | os.PathLike, *, dtype: torch.dtype | None = None) 
             t = r.get(k)
             out = semantic_out_dtype(t.dtype, dtype, k, t.ndim) if t.is_floating_point() else t.dtype
             sd[k] = t.to(out) if t.dtype != out else t
-    km.dims_from_comfy_shapes(info.family, {k: tuple(v.shape) for k, v in sd.items()}, where=header.path)
     return info, km.strip_prefix(sd)
 
 
-def load_official(path: str | os.PathLike, *, dtype: torch.dtype | None = None, header: Header | None = None) -> ExpertBundle:
+def load_official(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, header: Header | None = None, info: FileInfo | None = None
+) -> ExpertBundle:
     """Convert an official DCM checkpoint to an :class:`ExpertBundle` in memory (tensor by tensor)."""
-    header = header or read_header(path)
-    info = info_from_header(header)
-    plan = plan_official(header)
+    header, info = _header_and_info(path, header, info)
+    plan = plan_official(header, info.layout)
     sem: dict[str, torch.Tensor] = {}
     patches: dict[str, torch.Tensor] = {}
     with SafeReader(header.path, header) as r:
@@ -546,7 +554,7 @@ def load_experts(
     header = read_header(path)
     info = info_from_header(header)
     if info.kind == KIND_OFFICIAL:
-        return load_official(path, dtype=dtype, header=header)
+        return load_official(path, dtype=dtype, header=header, info=info)
     if info.kind == KIND_SEMANTIC:
         partner = info.metadata.get("dcm.detail_expert")
         if not partner:
@@ -565,8 +573,9 @@ def load_experts(
         det_path, sem_path = header.path, _find_partner(header.path, partner, search_dirs, "semantic expert")
     else:
         raise _wrong_kind(info, "a DCM checkpoint (official DCM file or *_semantic.safetensors)")
-    sem_info, sem = load_semantic(sem_path, dtype=dtype)
-    detail = load_detail_expert(det_path, dtype=dtype)
+    known = {"header": header, "info": info}  # the file asked for is read once; its partner here
+    sem_info, sem = load_semantic(sem_path, dtype=dtype, **(known if sem_path == header.path else {}))
+    detail = load_detail_expert(det_path, dtype=dtype, **(known if det_path == header.path else {}))
     if detail.family != sem_info.family:
         raise DCMIncompatibleModelError(
             f"{os.path.basename(det_path)} is a {km.family_label(detail.family)} detail expert but "
@@ -633,7 +642,7 @@ def check_compatible(detail: DetailExpert, model_shapes: Mapping[str, tuple[int,
             tgt = target_of(stem, ".lora_A.weight")
             ts = shapes.get(tgt)
             a, b = parts[".lora_A.weight"], parts[".lora_B.weight"]
-            if ts is not None and (len(ts) < 2 or (b[0], a[1]) != (ts[0], _prod(ts[1:]))):
+            if ts is not None and (len(ts) < 2 or (b[0], a[1]) != (ts[0], math.prod(ts[1:]))):
                 bad.append(f"{tgt}: model {ts}, LoRA {b[0]}×{a[1]}")
         for suf in (".diff", ".diff_b"):
             if suf in parts:
@@ -646,13 +655,6 @@ def check_compatible(detail: DetailExpert, model_shapes: Mapping[str, tuple[int,
         raise DCMIncompatibleModelError(
             f"{src} does not fit {name}: shape mismatch at {shown}. Use the semantic model from the same DCM checkpoint."
         )
-
-
-def _prod(xs: Iterable[int]) -> int:
-    n = 1
-    for x in xs:
-        n *= x
-    return n
 
 
 def default_name(path: str | os.PathLike) -> str:
@@ -682,5 +684,3 @@ __all__ = [
     "plan_official",
     "targets_of",
 ]
-
-_ = (FAMILY_WAN, KIND_OFFICIAL, ROLE_DETAIL)

@@ -21,6 +21,7 @@ Traps handled here (comfyui-integration.md §3.3/§3.4):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -127,7 +128,6 @@ HY_FUSED: tuple[tuple[str, tuple[str, ...]], ...] = (
 #: HunyuanVideo layers whose two row halves are swapped ([scale; shift] <-> [shift; scale]).
 HY_SWAPPED: tuple[tuple[str, str], ...] = (("norm_out.linear", "final_layer.adaLN_modulation.1"),)
 
-PARAM_SUFFIXES = (".weight", ".bias")
 
 
 # --------------------------------------------------------------------------- plan ops
@@ -443,9 +443,7 @@ def dims_from_comfy_shapes(family: str, shapes: Mapping[str, Shape], *, where: s
             w = s["img_in.proj.weight"]
             dim = w[0]
             patch = list(w[2:])
-            prod = 1
-            for p in patch:
-                prod *= p
+            prod = math.prod(patch)
             d = dict(
                 dim=dim,
                 num_layers=_count(s, "double_blocks."),

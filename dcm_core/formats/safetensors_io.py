@@ -123,10 +123,6 @@ class TensorEntry:
         return ST_DTYPES[self.dtype][0]
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def nbytes(self) -> int:
         return self.end - self.begin
 
@@ -150,7 +146,7 @@ class Header:
         return 8 + self.header_size
 
 
-def _sniff_foreign(path: str, head: bytes) -> str | None:
+def _sniff_foreign(head: bytes) -> str | None:
     """Describe a non-safetensors file from its first bytes, or None."""
     if head[:4] == b"PK\x03\x04":
         return "a zip archive (PyTorch .pt/.pth/.ckpt/.bin checkpoints are zip files holding pickles)"
@@ -206,7 +202,7 @@ def read_header(path: str | os.PathLike, *, max_header_bytes: int = MAX_HEADER_B
         size = os.fstat(fh.fileno()).st_size
         head = fh.read(9)
         plausible = len(head) == 9 and struct.unpack("<Q", head[:8])[0] <= size - 8 and head[8:9] == b"{"
-        foreign = None if plausible else _sniff_foreign(p, head)
+        foreign = None if plausible else _sniff_foreign(head)
         if foreign is not None:
             raise DCMUnsupportedFileError(f"{p} is {foreign}, not safetensors. {_PICKLE_HINT}")
         head = head[:8]
