@@ -17,32 +17,11 @@ import time
 import uuid
 from pathlib import Path
 
+from tools.comfy_inprocess import StubServer, execution_error_text
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_NODES = Path(__file__).resolve().parent / "comfy_nodes"
 PACK_DIR_NAME = "dcm-video"
-
-
-def comfy_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
-
-
-class StubServer:
-    """The few attributes PromptExecutor and the progress hook use."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.sockets_metadata = {}
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-    def queue_updated(self):
-        pass
-
-    def send_progress_text(self, *a, **k):
-        pass
 
 
 class Harness:
@@ -76,23 +55,17 @@ class Harness:
         self.executor.execute(prompt, pid, {}, outputs)
         wall = time.perf_counter() - t0
         if not self.executor.success:
-            msg = ""
-            for ev, data in self.executor.status_messages:
-                if ev == "execution_error":
-                    msg = f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
-                    tb = "".join(data.get("traceback") or [])
-                    msg += "\n" + tb
-            raise RuntimeError(f"prompt failed: {msg}")
+            raise RuntimeError(f"prompt failed: {execution_error_text(self.executor.status_messages, traceback=True)}")
         return wall
 
 
 def boot(*, pack: str | os.PathLike | None = None, cpu: bool = True, lowvram: bool = False,
          reserve_vram: float | None = None, base: Path | None = None, threads: int | None = None) -> Harness:
     """Boot ComfyUI in this process; ``pack`` = the node pack folder to load (default: this repo)."""
-    from tools.comfy_inprocess import boot_comfyui
+    from tools.comfy_inprocess import boot_comfyui, comfyui_path
 
     base = Path(base or tempfile.mkdtemp(prefix="dcm_bench_comfy_"))
-    boot_comfyui(comfy_path(), base, {PACK_DIR_NAME: pack or ROOT, "dcm_bench_nodes": BENCH_NODES}, cpu=cpu,
+    boot_comfyui(comfyui_path(), base, {PACK_DIR_NAME: pack or ROOT, "dcm_bench_nodes": BENCH_NODES}, cpu=cpu,
                  lowvram=lowvram, reserve_vram=reserve_vram, threads=threads)
     import nodes
 

@@ -72,7 +72,9 @@ def machine_info() -> dict:
                 break
     except OSError:
         cpu_model = platform.processor()
-    comfy = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
+    from tools.comfy_inprocess import comfyui_path
+
+    comfy = comfyui_path()
     version = ""
     try:
         m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (comfy / "comfyui_version.py").read_text())

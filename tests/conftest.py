@@ -35,8 +35,7 @@ finally:
     sys.path.pop(0)
 
 
-def comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
+from tools.comfy_inprocess import comfyui_path  # noqa: E402
 
 
 def comfyui_status() -> tuple[bool, str]:

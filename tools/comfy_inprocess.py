@@ -16,6 +16,39 @@ from pathlib import Path
 MODEL_KINDS = ("diffusion_models", "loras", "vae", "text_encoders", "checkpoints")
 
 
+class StubServer:
+    """The few attributes PromptExecutor and the progress hook use."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+    def send_progress_text(self, *a, **k):
+        pass
+
+
+def execution_error_text(messages, *, traceback: bool = False) -> str:
+    """``node: ExceptionType: message`` of the ``execution_error`` among ComfyUI status messages ('' if none)."""
+    for ev, data in messages or []:
+        if ev == "execution_error":
+            text = f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
+            return text + ("\n" + "".join(data.get("traceback") or []) if traceback else "")
+    return ""
+
+
+def comfyui_path() -> Path:
+    """The ComfyUI work tree the tests and benchmarks use: ``$COMFYUI_PATH``, default ``~/ComfyUI``."""
+    return Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
+
+
 def boot_comfyui(
     comfy_path: str | os.PathLike,
     base: str | os.PathLike,

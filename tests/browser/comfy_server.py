@@ -51,8 +51,7 @@ _FILE_WIDGETS = {
 }
 
 
-def comfyui_path() -> Path:
-    return Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
+from tools.comfy_inprocess import comfyui_path, execution_error_text  # noqa: E402  (the repo root is on sys.path: pytest / PYTHONPATH)
 
 
 def free_port() -> int:
@@ -470,10 +469,7 @@ def output_files(base: Path, history_entry: dict) -> list[Path]:
 
 
 def history_error(entry: dict) -> str:
-    for ev, data in (entry.get("status") or {}).get("messages") or []:
-        if ev == "execution_error":
-            return f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
-    return json.dumps(entry.get("status"))[:2000]
+    return execution_error_text((entry.get("status") or {}).get("messages")) or json.dumps(entry.get("status"))[:2000]
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "build-models":

@@ -16,29 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from tools.comfy_inprocess import StubServer, execution_error_text
+
 ROOT = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "dcm-video"
 TEST_NODES = Path(__file__).resolve().parent / "testing_nodes"
-
-
-class StubServer:
-    """The few attributes PromptExecutor and the progress hook use."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.sockets_metadata = {}
-        self.events: list[tuple[str, dict]] = []
-
-    def send_sync(self, event, data, sid=None):
-        self.events.append((event, data))
-
-    def queue_updated(self):
-        pass
-
-    def send_progress_text(self, *a, **k):
-        pass
 
 
 @dataclass
@@ -50,10 +32,7 @@ class RunResult:
     error: dict | None = None
 
     def error_text(self) -> str:
-        for ev, data in self.messages:
-            if ev == "execution_error":
-                return f"{data.get('node_type')}: {data.get('exception_type')}: {data.get('exception_message')}"
-        return ""
+        return execution_error_text(self.messages)
 
 
 class ComfyHarness:
@@ -117,7 +96,9 @@ def _boot(base: Path, comfy_path: Path) -> ComfyHarness:
 
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
-    comfy_path = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
+    from tools.comfy_inprocess import comfyui_path
+
+    comfy_path = comfyui_path()
     base = tmp_path_factory.mktemp("comfy_base")
     h = _boot(base, comfy_path)
     import nodes

@@ -38,10 +38,12 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
+from tools.comfy_inprocess import comfyui_path
+
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 COMFY_BIN = Path(sys.executable).parent / "comfy"
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()
+COMFYUI = comfyui_path()
 PINNED_COMFYUI = "0.3.64"
 
 # ComfyUI-Manager (manager_core / execute_install_script)

@@ -277,6 +277,8 @@ OFFICIAL_SEEDS = {
     "wan_i2v": ("wan", lambda: wan_cfg(num_layers=1, image_dim=64), torch.bfloat16, "fp8_e4m3fn"),
     "hy": ("hunyuan_video", lambda: hy_cfg(), torch.float16, "fp32"),
 }
+#: Every valid seed file of the world: official, semantic and detail for each official seed.
+SEEDS = sorted(f"{k}_{n}" for k in ("official", "semantic", "detail") for n in OFFICIAL_SEEDS)
 
 
 def build_world(root: Path) -> World:

@@ -41,9 +41,8 @@ CAT_PLAIN = "plain base models"
 CAT_STYLE = "style LoRAs"
 CAT_PICKLE = "pickle files"
 
-SEEDS = sorted(f"{k}_{n}" for k in ("official", "semantic", "detail") for n in H.OFFICIAL_SEEDS)
 OFFICIAL = sorted(f"official_{n}" for n in H.OFFICIAL_SEEDS)
-seeds = st.sampled_from(SEEDS)
+seeds = st.sampled_from(H.SEEDS)
 
 # --------------------------------------------------------------------------- missing tensors
 
