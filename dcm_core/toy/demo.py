@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..schedule import OFFICIAL_PRESETS, PRESET_NAMES, build_sigmas, route
+from ..schedule import PRESET_NAMES, build_sigmas, route
 from . import models as M
 from . import world
 
@@ -52,8 +52,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="semantic-expert steps for the per-expert-uniform preset (default 3)")
     p.add_argument("--detail-steps", type=int, default=3,
                    help="detail-expert steps for the per-expert-uniform preset (default 3)")
-    p.add_argument("--teacher-steps", type=int, default=50, choices=[50],
-                   help="teacher reference steps (the 50-point DCM grid)")
     p.add_argument("--scale", type=int, default=6, help="pixel upscale factor of the GIFs and the strip (default 6)")
     p.add_argument("--fps", type=int, default=6, help="GIF frame rate (default 6)")
     p.add_argument("--weights", default=str(M.WEIGHTS_DIR), help="toy weights folder (default: the bundled one)")
@@ -136,8 +134,7 @@ def run_demo(
             "label": label,
             "model_calls": 50 if key.startswith("teacher") else n,
             "seconds": round(dt, 4),
-            "mse_to_teacher": float(((lat - ref) ** 2).mean()),
-            "motion_error_px": world.motion_error(frames, prompt),
+            **M.score(lat, ref, prompt),
             "frame_change": float((frames[1:] - frames[:-1]).abs().mean()),
         }
     _save_strip(rows, out / "strip.png", scale, f"{prompt!r}  seed {seed}  ({preset})")
@@ -171,4 +168,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["run_demo", "add_parser", "run", "OFFICIAL_PRESETS"]
+__all__ = ["run_demo", "add_parser", "run"]

@@ -91,15 +91,16 @@ def evaluate(weights: Path = M.WEIGHTS_DIR, runs: Path | None = Path("runs/toy")
             t0 = time.perf_counter()
             ref = M.sample_single(bundle.teacher, noise, ctx, M.teacher_sigmas())
             teacher["seconds"].append(time.perf_counter() - t0)
-            teacher["motion"].append(world.motion_error(world.latent_to_frames(ref[0]), p))
+            teacher["motion"].append(M.score(ref, ref, p)["motion_error_px"])  # (its MSE to itself is 0)
             for label, fns in runners.items():
                 for key, fn in fns.items():
                     t0 = time.perf_counter()
                     lat = fn(noise, ctx)
                     sc = scores[label][key]
                     sc["seconds"].append(time.perf_counter() - t0)
-                    sc["mse"].append(float(((lat - ref) ** 2).mean()))
-                    sc["motion"].append(world.motion_error(world.latent_to_frames(lat[0]), p))
+                    got = M.score(lat, ref, p)
+                    sc["mse"].append(got["mse_to_teacher"])
+                    sc["motion"].append(got["motion_error_px"])
             truth_motion.append(world.motion_error(world.make_clip(p, s).frames, p))
 
     def summarise(v):

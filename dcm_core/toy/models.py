@@ -131,3 +131,12 @@ def sample_experts(model: nn.Module, noise: torch.Tensor, context: torch.Tensor,
                    boundary: float = BOUNDARY) -> torch.Tensor:
     """DCM: each step routed to the semantic or the detail expert by the boundary rule."""
     return sample_dcm(lambda x, s, e: velocity(model, x, s, context, e), noise, sigmas, boundary)
+
+
+def score(latent: torch.Tensor, reference: torch.Tensor, prompt: str) -> dict[str, float]:
+    """How a sample compares with the teacher's: MSE of the model-space latents and the motion error (px)
+    of its decoded frames against the prompt's motion law."""
+    return {
+        "mse_to_teacher": float(((latent - reference) ** 2).mean()),
+        "motion_error_px": world.motion_error(world.latent_to_frames(latent[0]), prompt),
+    }

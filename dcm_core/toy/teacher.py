@@ -18,6 +18,7 @@ import torch
 
 from .. import tiny
 from ..flow import add_noise
+from ..modeling import velocity
 from ..schedule import FAMILY_WAN, flow_shift
 from . import world
 
@@ -78,7 +79,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path | None = None, progres
         sigma = torch.as_tensor(flow_shift(u, cfg.train_shift), dtype=torch.float32)
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         x_t = add_noise(x0, noise, sigma)
-        v = model(hidden_states=x_t, timestep=sigma * 1000.0, encoder_hidden_states=ctx, return_dict=False)[0]
+        v = velocity(model, x_t, sigma, ctx)
         loss = torch.nn.functional.mse_loss(v.float(), noise - x0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
