@@ -57,19 +57,6 @@ STATS: dict[str, int] = {"checkpoint_reads": 0, "checkpoint_hits": 0, "expert_re
 CHECKPOINT_NODE = "DCM Checkpoint Loader"
 EXPERT_NODE = "DCM Expert LoRA Loader"
 
-_LORA_SUFFIXES = (
-    ".lora_A.weight",
-    ".lora_B.weight",
-    ".lora_up.weight",
-    ".lora_down.weight",
-    ".lora_mid.weight",
-    ".alpha",
-    ".dora_scale",
-    ".diff_b",
-    ".diff",
-    ".set_weight",
-)
-
 _lock = threading.Lock()
 
 
@@ -77,9 +64,7 @@ _lock = threading.Lock()
 class _CheckpointEntry:
     base: Any  # comfy.model_patcher.ModelPatcher (never handed out; clones are)
     detail: Any  # dcm_core.formats DetailExpert
-    family: str
-    name: str
-    deps: tuple = ()  # (realpath, size, mtime_ns) of partner files read too (a converted detail expert)
+    deps: tuple = ()  # (realpath, size, mtime_ns) of the partner file of a converted pair
 
     def is_current(self) -> bool:
         for real, size, mtime in self.deps:
@@ -311,16 +296,9 @@ def _assign_weights(module: torch.nn.Module, to_load: dict) -> None:
 
 def _unmatched_file_keys(patches: dict, key_map: dict) -> list[str]:
     """Tensor names in an expert file whose target stem the model's LoRA key map does not know."""
-    out = []
-    for k in patches:
-        stem = k
-        for suffix in _LORA_SUFFIXES:
-            if k.endswith(suffix):
-                stem = k[: -len(suffix)]
-                break
-        if stem not in key_map:
-            out.append(k)
-    return out
+    from ..formats.experts import split_patch_key
+
+    return [k for k in patches if split_patch_key(k)[0] not in key_map]
 
 
 def _preview(keys: Iterable[str], limit: int = 8) -> str:
@@ -406,7 +384,7 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
     except DCMError as e:
         raise _with_node(node, e) from e
     STATS["checkpoint_reads"] += 1
-    semantic_sd, expert, family = bundle.semantic_sd, bundle.detail, bundle.family
+    semantic_sd, expert, family, sources = bundle.semantic_sd, bundle.detail, bundle.family, bundle.sources
     bundle.semantic_sd = {}
     del bundle  # the build below takes the converted tensors over as the model's weights (no second copy)
     base = build_semantic_model(semantic_sd, weight_dtype, family=family, name=ckpt_name)
@@ -415,11 +393,9 @@ def load_dcm_checkpoint(ckpt_name: str, weight_dtype: str = "default") -> tuple[
         detail = apply_detail_expert(base, expert, 1.0, name=ckpt_name, node=node, model_label=label)
     except DCMError as e:
         raise _with_node(node, e) from e
-    deps = ()
-    det_path = getattr(getattr(expert, "info", None), "path", None)
-    if det_path and os.path.realpath(det_path) != key[0]:
-        deps = (_file_key(det_path, "")[:3],)
-    _remember(_CHECKPOINTS, key, _CheckpointEntry(base, expert, family, ckpt_name, deps), CACHE_MAX_ENTRIES)
+    # the partner file of a converted pair (whichever of the two was picked) is watched too
+    deps = tuple(_file_key(p, "")[:3] for p in sources if os.path.realpath(p) != key[0])
+    _remember(_CHECKPOINTS, key, _CheckpointEntry(base, expert, deps), CACHE_MAX_ENTRIES)
     return base.clone(), detail
 
 

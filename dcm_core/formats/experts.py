@@ -99,6 +99,8 @@ class ExpertBundle:
     family: str
     semantic_sd: dict[str, torch.Tensor]
     detail: DetailExpert
+    #: Every file the two experts were read from (one official file, or a semantic + detail pair).
+    sources: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- planning
@@ -534,7 +536,7 @@ def load_official(
     detail = DetailExpert(
         info=detail_info, family=plan.family, patches=patches, expected_targets=targets_of(patches), dims=plan.dims
     )
-    return ExpertBundle(info=info, family=plan.family, semantic_sd=sem, detail=detail)
+    return ExpertBundle(info=info, family=plan.family, semantic_sd=sem, detail=detail, sources=(header.path,))
 
 
 def load_experts(
@@ -583,7 +585,7 @@ def load_experts(
             f"convert run."
         )
     check_compatible(detail, {COMFY_PREFIX + k: tuple(v.shape) for k, v in sem.items()}, name=os.path.basename(sem_path))
-    return ExpertBundle(info=sem_info, family=sem_info.family, semantic_sd=sem, detail=detail)
+    return ExpertBundle(info=sem_info, family=sem_info.family, semantic_sd=sem, detail=detail, sources=(sem_path, det_path))
 
 
 # --------------------------------------------------------------------------- compatibility

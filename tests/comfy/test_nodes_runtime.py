@@ -98,6 +98,29 @@ def test_second_run_does_not_reread_checkpoint(dcm, comfy, monkeypatch):
     assert len(calls) == 2
 
 
+def test_checkpoint_loader_on_a_detail_file_rereads_when_its_semantic_partner_changes(dcm, comfy):
+    """Picking the *_detail_expert file in DCM Checkpoint Loader: the cache also watches the semantic partner."""
+    fam = dcm.families["wan"]
+    loading = dcm.loading()
+    models = dcm.h.model_dir("diffusion_models")
+    det = models / fam.detail
+    if not det.exists():
+        os.symlink(dcm.h.model_dir("loras") / fam.detail, det)
+    prompt = dcm.sampler_prompt("wan", seed=5, ckpt=fam.detail)
+    loading.clear_cache()
+    comfy.new_executor()
+    first = dcm.run(prompt)
+    reads = loading.STATS["checkpoint_reads"]
+    comfy.new_executor()
+    assert torch.equal(dcm.run(prompt), first) and loading.STATS["checkpoint_reads"] == reads  # cached
+    sem = os.path.realpath(models / fam.semantic)
+    st = os.stat(sem)
+    os.utime(sem, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    comfy.new_executor()
+    assert torch.equal(dcm.run(prompt), first)
+    assert loading.STATS["checkpoint_reads"] == reads + 1  # the changed partner was read again
+
+
 def test_converted_files_with_pack_and_stock_loaders_equal_official(dcm, comfy):
     fam = dcm.families["wan"]
     official = dcm.run(dcm.sampler_prompt("wan", seed=13))
