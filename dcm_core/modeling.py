@@ -105,7 +105,8 @@ def add_detail_expert(
     return model
 
 
-def _tuner_layers(model: nn.Module):
+def tuner_layers(model: nn.Module) -> list[nn.Module]:
+    """The PEFT tuner layers (LoRA-wrapped modules) of ``model``."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
@@ -117,7 +118,7 @@ def _set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
     PEFT's ``enable_adapters`` flips ``requires_grad`` of adapter weights as a side effect,
     which would silently freeze the student when the same model also serves as the teacher.
     """
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     flags = {p: p.requires_grad for layer in layers for p in layer.parameters()}
     for layer in layers:
         if enabled:
@@ -128,7 +129,7 @@ def _set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def adapters_enabled(model: nn.Module) -> bool:
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     return bool(layers) and not layers[0].disable_adapters
 
 

@@ -404,35 +404,43 @@ class DataStream:
         return batch
 
 
+def write_item(
+    root: str | Path,
+    name: str,
+    latent: torch.Tensor,
+    prompt_embed: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    caption: str = "",
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write one sample's three files (atomically) and return its ``videos2caption.json`` record."""
+    root, fname = Path(root), f"{name}.safetensors"
+    save_state_dict({"latent": latent.contiguous()}, root / LATENT_DIR / fname)
+    save_state_dict({"prompt_embed": prompt_embed.contiguous()}, root / EMBED_DIR / fname)
+    save_state_dict({"prompt_attention_mask": prompt_attention_mask.contiguous()}, root / MASK_DIR / fname)
+    return {
+        "latent_path": fname,
+        "prompt_embed_path": fname,
+        "prompt_attention_mask": fname,
+        "length": int(latent.shape[-3]),
+        "caption": caption,
+        **extra,
+    }
+
+
 def write_latent_dataset(
     root: str | Path,
     items: Sequence[dict[str, Any]],
     *,
     uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a dataset in the format above (used by preprocess and the tests).
+    """Write a whole dataset in the format above (the toy build, benchmarks and tests; preprocess writes item by item).
 
     Each item: ``{"name", "latent", "prompt_embed", "prompt_attention_mask", "caption", ...extra}``.
     Every file is written atomically (temporary name, fsync, rename); the JSON last.
     """
     root = Path(root)
-    for d in (LATENT_DIR, EMBED_DIR, MASK_DIR):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    records = []
-    for it in items:
-        name = f"{it['name']}.safetensors"
-        save_state_dict({"latent": it["latent"].contiguous()}, root / LATENT_DIR / name)
-        save_state_dict({"prompt_embed": it["prompt_embed"].contiguous()}, root / EMBED_DIR / name)
-        save_state_dict({"prompt_attention_mask": it["prompt_attention_mask"].contiguous()}, root / MASK_DIR / name)
-        rec = {
-            "latent_path": name,
-            "prompt_embed_path": name,
-            "prompt_attention_mask": name,
-            "length": int(it["latent"].shape[-3]),
-            "caption": it.get("caption", ""),
-        }
-        rec.update({k: v for k, v in it.items() if k not in ("name", "latent", "prompt_embed", "prompt_attention_mask", "caption")})
-        records.append(rec)
+    records = [write_item(root, **{"caption": "", **it}) for it in items]
     if uncond is not None:
         write_uncond(root, *uncond)
     write_json_atomic(root / DATA_JSON, records)

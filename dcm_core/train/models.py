@@ -38,6 +38,7 @@ from ..modeling import (
     expert_mode,
     family_of_model,
     model_timesteps,
+    tuner_layers,
 )
 from ..schedule import FAMILIES, FAMILY_HUNYUAN, FAMILY_WAN
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
@@ -191,21 +192,12 @@ def merged_semantic_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     m = model
     if getattr(model, "peft_config", None) and SEMANTIC_ADAPTER in model.peft_config:
         m = copy.deepcopy(model)
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for layer in m.modules():
-            if isinstance(layer, BaseTunerLayer):
-                layer.merge(adapter_names=[SEMANTIC_ADAPTER])
+        for layer in tuner_layers(m):
+            layer.merge(adapter_names=[SEMANTIC_ADAPTER])
     return {k: v.detach() for k, v in semantic_state_dict(m.state_dict()).items()}
 
 
 # ---------------------------------------------------------------------------- adapters
-
-
-def _tuner_layers(model: nn.Module) -> list[nn.Module]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 @contextmanager
@@ -214,7 +206,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
     ``requires_grad`` flags are preserved: peft's ``enable_adapters`` would otherwise flip them.
     """
-    layers = _tuner_layers(model)
+    layers = tuner_layers(model)
     flags = {p: p.requires_grad for layer in layers for p in layer.parameters()}
     states = [layer.disable_adapters for layer in layers]
     try:

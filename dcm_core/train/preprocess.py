@@ -37,9 +37,8 @@ from typing import Any
 import torch
 
 from ..errors import DCMConfigError, DCMFileNotFoundError
-from ..formats.safetensors_io import save_state_dict
 from ..schedule import FAMILY_HUNYUAN, FAMILY_WAN
-from .data import DATA_JSON, EMBED_DIR, LATENT_DIR, MASK_DIR, UNCOND_DIR, write_json_atomic
+from .data import DATA_JSON, EMBED_DIR, LATENT_DIR, MASK_DIR, write_item, write_json_atomic, write_uncond
 from .models import DTYPES
 from .video_io import VideoReadError, largest_4k1, read_frames, resize_cover_crop, select_frames
 
@@ -202,10 +201,6 @@ class PreprocessReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def _save_atomic(path: Path, key: str, t: torch.Tensor) -> None:
-    save_state_dict({key: t.contiguous()}, path)
-
-
 def preprocess(
     model_dir: str | Path,
     videos_dir: str | Path,
@@ -257,9 +252,7 @@ def preprocess(
 
     # the unconditional ("") embedding
     ue, um = text("")
-    (out / UNCOND_DIR).mkdir(exist_ok=True)
-    _save_atomic(out / UNCOND_DIR / "prompt_embed.safetensors", "prompt_embed", ue.to(DTYPES[embed_dtype]))
-    _save_atomic(out / UNCOND_DIR / "prompt_attention_mask.safetensors", "prompt_attention_mask", um)
+    write_uncond(out, ue.to(DTYPES[embed_dtype]), um)
 
     existing = {}
     json_path = out / DATA_JSON
@@ -297,23 +290,9 @@ def preprocess(
             latent = dist.sample(generator=gen) if sample_posterior else dist.mode()
         latent = latent[0].float().cpu()
         emb, mask = text(caption)
-        fname = f"{name}.safetensors"
-        _save_atomic(out / LATENT_DIR / fname, "latent", latent.to(DTYPES[latent_dtype]))
-        _save_atomic(out / EMBED_DIR / fname, "prompt_embed", emb.to(DTYPES[embed_dtype]))
-        _save_atomic(out / MASK_DIR / fname, "prompt_attention_mask", mask)
         records.append(
-            {
-                "latent_path": fname,
-                "prompt_embed_path": fname,
-                "prompt_attention_mask": fname,
-                "length": int(latent.shape[1]),
-                "caption": caption,
-                "video": video,
-                "num_frames": len(idx),
-                "height": height,
-                "width": width,
-                "fps": fps,
-            }
+            write_item(out, name, latent.to(DTYPES[latent_dtype]), emb.to(DTYPES[embed_dtype]), mask, caption,
+                       video=video, num_frames=len(idx), height=height, width=width, fps=fps)  # fmt: skip
         )
         report.written.append(video)
         if len(records) % 50 == 0:

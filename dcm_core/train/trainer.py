@@ -488,8 +488,7 @@ class DCMTrainer:
             # each sample draws from its own generator, in the order dropout, noise, k, adversarial noise
             u = torch.cat([torch.rand(1, generator=g) for g in gens])
             batch, _ = apply_caption_dropout(batch, self.uncond, cfg.data.caption_dropout, None, u=u)
-            x0_raw = batch.latents.float()
-            shape = x0_raw.shape[1:]
+            shape = batch.latents.shape[1:]
             noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
             draw = solver.index_draw(torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]))
             if self.use_adv:
