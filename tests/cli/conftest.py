@@ -81,18 +81,12 @@ class CLIResult:
 class ComfyCLI:
     def __init__(self, home: Path, workspace: Path):
         self.home, self.workspace = home, workspace
-        env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+        # the server's environment (HOME, one thread, offline, local no-proxy) minus any proxy, plus the venv
+        env = {k: v for k, v in cs.server_env(home).items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
         env.update(
-            HOME=str(home),
             VIRTUAL_ENV=str(VENV_BIN.parent),
             PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-            NO_PROXY="127.0.0.1,localhost",
-            no_proxy="127.0.0.1,localhost",
             PYTHONDONTWRITEBYTECODE="1",
-            OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
-            DO_NOT_TRACK="1",
-            HF_HUB_OFFLINE="1",
             COLUMNS="200",
         )
         self.env = env
