@@ -9,6 +9,12 @@
 * cli     — comfy-cli (launch / run / stop) against a real server; needs ComfyUI and comfy-cli in the venv.
 
 Tests live in tests/<tier>/; the tier is derived from the folder.
+
+Required tiers (CI): ``DCM_REQUIRE_TIERS=comfy,browser,cli`` (set by ``.ci/run``) turns "skip the tier"
+into "fail the session": if a listed tier cannot run on this machine, pytest stops before running any
+test with one message that names the tier, why, and how to get the ComfyUI work tree. The check runs
+whatever tests were selected (a CI machine that cannot run a required tier is misconfigured, whichever
+subset it was asked for). Without the variable, a tier that cannot run is skipped with one SKIP line.
 """
 
 from __future__ import annotations
@@ -120,11 +126,61 @@ def _tier_status(tier: str) -> tuple[bool, str]:
 
 _CONFIG = None
 
+REQUIRE_ENV = "DCM_REQUIRE_TIERS"
+TIERS = ("unit", "comfy", "browser", "cli")
+COMFYUI_REPO = "https://github.com/Comfy-Org/ComfyUI"
+
+
+def required_tiers() -> list[str]:
+    """The tiers ``$DCM_REQUIRE_TIERS`` (comma-separated) says may not be skipped."""
+    raw = os.environ.get(REQUIRE_ENV, "")
+    tiers = [t.strip() for t in raw.split(",") if t.strip()]
+    unknown = [t for t in tiers if t not in TIERS]
+    if unknown:
+        raise pytest.UsageError(f"{REQUIRE_ENV}={raw}: unknown tier(s) {unknown}; the tiers are {', '.join(TIERS)}.")
+    return tiers
+
+
+def _require_tiers() -> None:
+    """Fail the session (one message) when a tier named in ``$DCM_REQUIRE_TIERS`` cannot run here."""
+    tiers = required_tiers()
+    problems = []
+    for tier in tiers:
+        if tier == "unit":
+            continue
+        ok, note = _tier_status(tier)
+        if not ok and tier != "comfy" and not _COMFY_OK:
+            problems.append(f"  {tier}: needs the ComfyUI work tree too")
+        elif not ok:
+            problems.append(f"  {tier}: {note}")
+        elif tier == "comfy" and "tests are pinned to" in note:
+            problems.append(f"  comfy: {note}")
+    if not problems:
+        return
+    comfy_missing = not _COMFY_OK or any("tests are pinned to" in p for p in problems)
+    lines = [
+        f"{REQUIRE_ENV}={os.environ[REQUIRE_ENV]} (set by .ci/run): required test tier(s) cannot run on this "
+        f"machine, so the session fails instead of skipping them:",
+        *problems,
+    ]
+    if comfy_missing:
+        lines += [
+            f"Get the ComfyUI work tree the comfy, browser and cli tiers need (ComfyUI v0.3.64, commit "
+            f"{PINNED_COMFYUI_COMMIT}):",
+            f"  git clone {COMFYUI_REPO} ~/ComfyUI && git -C ~/ComfyUI checkout {PINNED_COMFYUI_COMMIT}",
+            "or set COMFYUI_PATH to a work tree at that commit; then run .ci/run again (make venv then installs "
+            "ComfyUI's requirements into .venv).",
+        ]
+    lines.append(f"Run without {REQUIRE_ENV} (plain `make test`) to skip these tiers with one SKIP line each.")
+    raise pytest.UsageError("\n".join(lines))
+
 
 def pytest_configure(config):
     global _CONFIG
     _CONFIG = config
     config.addinivalue_line("markers", "cli: needs ComfyUI and comfy-cli (tests/cli)")
+    if os.environ.get(REQUIRE_ENV, "").strip() and not getattr(config.option, "collectonly", False):
+        _require_tiers()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -151,7 +207,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_report_header(config):
-    return f"dcm tiers: unit=on, comfy={'on — ' + _COMFY_NOTE if _COMFY_OK else 'SKIP — ' + _COMFY_NOTE}"
+    req = os.environ.get(REQUIRE_ENV, "").strip()
+    return (f"dcm tiers: unit=on, comfy={'on — ' + _COMFY_NOTE if _COMFY_OK else 'SKIP — ' + _COMFY_NOTE}"
+            + (f"; required: {req}" if req else ""))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
