@@ -181,27 +181,44 @@ class DCMWorld:
 
         return comfy.sample.prepare_noise(self.empty_latent(batch), seed)
 
-    def reference(self, family: str, seed: int, sigmas, boundary: float, batch: int = 1, cond_batch: int = 1):
-        """dcm_core.sampler.sample_dcm over the diffusers+peft model → ComfyUI (raw VAE) latent space."""
+    def reference(self, family: str, seed: int, sigmas, boundary: float, batch: int = 1, cond_batch: int = 1,
+                  cfg: tuple[float, float] = (1.0, 1.0)):
+        """dcm_core.sampler.sample_dcm over the diffusers+peft model → ComfyUI (raw VAE) latent space.
+
+        ``cfg = (semantic, detail)``: each expert's own classifier-free guidance scale on its own steps,
+        ``v = v_neg + scale·(v_pos − v_neg)`` with the negative prompt of :meth:`sampler_prompt` (NEG_SEED); a
+        scale of 1 runs no negative pass. (ComfyUI mixes the x0 predictions ``x − σ·v``; for the flow-Euler step
+        that is the same mix of velocities.)"""
         from dcm_core.latents import from_model_space
         from dcm_core.modeling import velocity
         from dcm_core.sampler import sample_dcm
+        from dcm_core.schedule import SEMANTIC
 
         torch = self.torch
         fam = self.families[family]
-        ctx, pooled = self.cond(family, cond_batch)
         reps = batch // cond_batch
-        ctx = ctx.repeat(reps, 1, 1)
-        kwargs = {}
-        if fam.hunyuan:
-            kwargs = dict(
-                encoder_attention_mask=torch.ones(ctx.shape[:2], dtype=torch.long),
-                pooled_projections=pooled.repeat(reps, 1),
-                guidance=torch.full((batch,), 6000.0),
-            )
+
+        def prompt(seed_: int):
+            ctx, pooled = self.cond(family, cond_batch, seed=seed_)
+            ctx = ctx.repeat(reps, 1, 1)
+            kwargs = {}
+            if fam.hunyuan:
+                kwargs = dict(
+                    encoder_attention_mask=torch.ones(ctx.shape[:2], dtype=torch.long),
+                    pooled_projections=pooled.repeat(reps, 1),
+                    guidance=torch.full((batch,), 6000.0),
+                )
+            return ctx, kwargs
+
+        (ctx, kwargs), (neg_ctx, neg_kwargs) = prompt(COND_SEED), prompt(NEG_SEED)
 
         def model_fn(x, sigma, expert):
-            return velocity(fam.model, x, sigma, ctx, expert, **kwargs)
+            v = velocity(fam.model, x, sigma, ctx, expert, **kwargs)
+            scale = cfg[0] if expert == SEMANTIC else cfg[1]
+            if scale == 1.0:
+                return v
+            v_neg = velocity(fam.model, x, sigma, neg_ctx, expert, **neg_kwargs)
+            return v_neg + scale * (v - v_neg)
 
         with torch.no_grad():
             x = sample_dcm(model_fn, self.noise(seed, batch), sigmas, boundary)
@@ -262,6 +279,12 @@ class DCMWorld:
         import nodes
 
         return nodes.NODE_CLASS_MAPPINGS["DCMTestRecordCalls"].CALLS
+
+    def passes(self) -> list:
+        """(tag, timestep, cond_or_uncond) per recorded model call (0 = positive pass, 1 = negative pass)."""
+        import nodes
+
+        return nodes.NODE_CLASS_MAPPINGS["DCMTestRecordCalls"].PASSES
 
     def style_lora(self, rank: int = 4) -> str:
         """A ComfyUI-native Wan style LoRA (models/loras/style_wan.safetensors) for stacking tests."""

@@ -3,7 +3,9 @@
 * ``DCMTestConditioning`` — conditioning without a text encoder.
 * ``DCMTestCapture``      — output node that keeps a LATENT in ``DCMTestCapture.STORE[key]``.
 * ``DCMTestRecordCalls``  — clones a MODEL and records ``(tag, timestep)`` of every diffusion-model
-  call into ``DCMTestRecordCalls.CALLS`` (a ``DIFFUSION_MODEL`` wrapper).
+  call into ``DCMTestRecordCalls.CALLS`` (a ``DIFFUSION_MODEL`` wrapper), and ``(tag, timestep,
+  cond_or_uncond)`` into ``PASSES``: which passes the call ran (ComfyUI's 0 = positive, 1 = negative;
+  one call may batch both).
 
 Class-level containers are mutated, never reassigned: V3 runs a shallow class clone per execution.
 """
@@ -75,6 +77,7 @@ class DCMTestRecordCalls(io.ComfyNode):
     """Clone a MODEL and record (tag, timestep) of each diffusion-model call into ``CALLS``."""
 
     CALLS: list = []
+    PASSES: list = []
 
     @classmethod
     def define_schema(cls):
@@ -87,10 +90,14 @@ class DCMTestRecordCalls(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, tag):
-        calls = DCMTestRecordCalls.CALLS
+        calls, passes = DCMTestRecordCalls.CALLS, DCMTestRecordCalls.PASSES
 
         def record(executor, x, timestep, *args, **kwargs):
-            calls.append((tag, float(timestep.flatten()[0])))
+            t = float(timestep.flatten()[0])
+            calls.append((tag, t))
+            # transformer_options is passed positionally by some models (Wan, HunyuanVideo) and by keyword by others
+            opts = next((a for a in (*args, *kwargs.values()) if isinstance(a, dict) and "cond_or_uncond" in a), {})
+            passes.append((tag, t, tuple(opts.get("cond_or_uncond", ()))))
             return executor(x, timestep, *args, **kwargs)
 
         m = model.clone()
