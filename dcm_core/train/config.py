@@ -118,7 +118,10 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = field(
         default=False,
-        metadata=_help("Recompute transformer blocks in backward (official: on, via FSDP activation checkpointing)."),
+        metadata=_help(
+            "Recompute transformer blocks in backward, student and frozen teacher (official: on, via FSDP activation "
+            "checkpointing of both)."
+        ),
     )
 
 

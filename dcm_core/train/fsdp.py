@@ -24,7 +24,8 @@ How a run is sharded (``accelerate launch --use_fsdp ...``, see the trainer READ
   sharded student with its adapter switched off (no extra copy at all).
 * **discriminator** — replicated, plain DDP (the official ``NO_SHARD``).
 * **activation checkpointing** (``--fsdp_activation_checkpointing``) turns on the diffusers
-  per-block gradient checkpointing of the student (same as ``model.gradient_checkpointing``).
+  per-block gradient checkpointing of the student and the frozen teacher (same as
+  ``model.gradient_checkpointing``).
 
 Checkpoints stay exactly the unsharded format (:mod:`.checkpoint`): the sharded tensors are
 gathered one at a time (:func:`full_tensor`) and written by process 0; on resume every process

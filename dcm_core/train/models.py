@@ -311,6 +311,20 @@ class StageModels:
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Per-block gradient checkpointing of the student AND the frozen teacher (diffusers' own switch).
+
+        The detail stage's G step runs the teacher WITH gradient on the fake sample (the gradient flows
+        through the frozen teacher into ŷ): unless checkpointed, every teacher block keeps all its
+        activations for the backward (the official code checkpoints the teacher too, review C1). The
+        discriminator's forward hooks on the teacher blocks and embedder still fire (a checkpointed block is
+        called through its ``__call__``); they are removed before the backward recomputes the blocks.
+        Forwards under ``no_grad`` (CFG, targets, the real sample) are not affected.
+        """
+        self.student.enable_gradient_checkpointing()
+        if self.teacher is not None:
+            self.teacher.enable_gradient_checkpointing()
+
 
 def _dtype_of(name: str, mixed_precision: str) -> torch.dtype:
     if name == "auto":
@@ -386,9 +400,10 @@ def build_models(cfg: TrainConfig) -> StageModels:
         expert = STAGE_DETAIL
     if family_of_model(student) != family:
         raise DCMConfigError(f"the semantic expert is a {family_of_model(student)} model but the teacher is {family}.")
-    if m.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
     if cfg.stage == STAGE_DETAIL and DETAIL_ADAPTER not in (student.peft_config or {}):
         raise DCMConfigError("internal: the detail student has no 'lora1' adapter")
-    return StageModels(family, student, teacher, expert)
+    models = StageModels(family, student, teacher, expert)
+    if m.gradient_checkpointing:
+        models.enable_gradient_checkpointing()
+    return models
 

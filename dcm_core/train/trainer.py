@@ -179,8 +179,8 @@ class DCMTrainer:
         self._seed_everything(cfg.seed)
         self.models: StageModels = build_models(cfg)
         if self.fsdp is not None and self.fsdp.activation_checkpointing and not cfg.model.gradient_checkpointing:
-            log.info("FSDP activation checkpointing: per-block gradient checkpointing of the student is on.")
-            self.models.student.enable_gradient_checkpointing()
+            log.info("FSDP activation checkpointing: per-block gradient checkpointing of the student and teacher is on.")
+            self.models.enable_gradient_checkpointing()
         self.family = self.models.family
         self.cfg = cfg = cfg.resolved(self.family)
         self.stage = cfg.stage
