@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class DCMError(Exception):
@@ -102,3 +104,22 @@ __all__ = [
     "DCMCheckpointError",
     "DCMWriteError",
 ]
+
+
+@contextmanager
+def node_errors(node: str) -> Iterator[None]:
+    """Name the node in every :class:`DCMError` raised inside (once), keeping its type and traceback.
+
+    The adapter's entry points run their body under ``with node_errors(NAME):``; messages from the
+    formats / schedule layers (which name the file or value and the fix) then read
+    ``"<node display name>: <message>"`` in ComfyUI's error dialog.
+    """
+    try:
+        yield
+    except DCMError as e:
+        if not str(e).startswith(node):
+            if isinstance(e, DCMWriteError) and len(e.args) > 1:
+                e.args = (e.args[0], f"{node}: {e.args[1]}", *e.args[2:])
+            else:
+                e.args = (f"{node}: {e}",)
+        raise

@@ -172,26 +172,36 @@ def split_sigmas(sigmas: Sequence[float], boundary_timestep: float) -> tuple[lis
 # --------------------------------------------------------------------------- presets
 
 
-def validate_sigmas(sigmas: Sequence[float], *, source: str = "sigmas") -> list[float]:
-    """Check a full sigma list (terminal 0 included): strictly descending, within [0, 1], ≥ 1 step."""
+#: Sigmas may exceed 1 by float noise only (flow models live in σ ∈ [0, 1]).
+SIGMA_MAX = 1.0 + 1e-4
+
+
+def validate_sigmas(sigmas: Sequence[float], *, source: str = "sigmas", terminal_zero: bool = True) -> list[float]:
+    """The pack's one sigma check: ≥ 2 values (one step), finite, within [0, 1], strictly descending.
+
+    ``terminal_zero`` (full schedules: presets, custom lists, the reference sampler) also requires the
+    last value to be 0; a SIGMAS socket may carry a partial list (e.g. a split segment), so the nodes
+    pass ``terminal_zero=False``. ``source`` starts every message (a node name or an input name).
+    """
     s = [float(x) for x in sigmas]
     if len(s) < 2:
         raise DCMScheduleError(
-            f"{source}: needs at least one step (two sigmas incl. the terminal 0), got {s}. "
-            f"Use a preset such as 'wan2.1-t2v-6step' or give a list like '1.0, 0.992, 0.982'."
+            f"{source}: the sigma list has {len(s)} value(s) {s}; it needs at least two (one step). Use a preset "
+            f"such as 'wan2.1-t2v-6step', connect DCM Schedule, or give a list like '1.0, 0.992, 0.982'."
         )
     for i, x in enumerate(s):
-        if not math.isfinite(x):
-            raise DCMScheduleError(f"{source}: sigma #{i} is {x}; every sigma must be a finite number.")
-        if not (0.0 <= x <= 1.0):
-            raise DCMScheduleError(f"{source}: sigma #{i} = {x} is outside [0, 1]; DCM sigmas lie in (0, 1].")
+        if not math.isfinite(x) or not (0.0 <= x <= SIGMA_MAX):
+            raise DCMScheduleError(
+                f"{source}: sigma #{i} = {x} is outside [0, 1]. DCM experts are flow models: sigmas run from 1.0 "
+                f"(pure noise) down to 0 (clean)."
+            )
     for i in range(len(s) - 1):
         if not s[i] > s[i + 1]:
             raise DCMScheduleError(
                 f"{source}: sigmas must be strictly descending, but sigma #{i} = {s[i]} is followed by "
                 f"#{i + 1} = {s[i + 1]}. Sort them from 1.0 down and remove duplicates."
             )
-    if s[-1] != 0.0:
+    if terminal_zero and s[-1] != 0.0:
         raise DCMScheduleError(f"{source}: the last sigma must be 0 (got {s[-1]}); it marks the clean sample.")
     return s
 
@@ -218,12 +228,6 @@ def parse_custom_sigmas(text: str) -> list[float]:
         values = values[:-1]
     if not values:
         raise DCMScheduleError(f"{src}: only a 0 was given; add at least one sigma in (0, 1].")
-    for i, v in enumerate(values):
-        if not math.isfinite(v) or not (0.0 < v <= 1.0):
-            raise DCMScheduleError(
-                f"{src}: value #{i} = {v} is outside (0, 1]. Sigmas are noise levels: 1.0 is pure noise, "
-                f"0 is clean (the 0 is appended automatically)."
-            )
     return validate_sigmas(values + [0.0], source=src)
 
 

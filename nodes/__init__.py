@@ -5,7 +5,7 @@ Node ids and input names are a contract: saved workflows store them. Never renam
 
 from __future__ import annotations
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 
 class DCMExtension(ComfyExtension):

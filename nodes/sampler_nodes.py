@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..dcm_core import schedule
 from ..dcm_core.comfy_adapter import sampling, schedules
@@ -62,8 +62,8 @@ class DCMDualExpertSampler(io.ComfyNode):
         preset: str, boundary_timestep: float, cfg_semantic: float, cfg_detail: float, sigmas: Any = None,
     ) -> io.NodeOutput:
         return io.NodeOutput(sampling.sample_dual_expert(
-            semantic_model, detail_model, positive, negative, latent_image, seed, preset, boundary_timestep,
-            cfg_semantic, cfg_detail, sigmas,
+            semantic_model, detail_model, positive, negative, latent_image, seed=seed, preset=preset,
+            boundary_timestep=boundary_timestep, cfg_semantic=cfg_semantic, cfg_detail=cfg_detail, sigmas=sigmas,
         ))
 
 
@@ -91,5 +91,6 @@ class DCMDualExpertGuider(io.ComfyNode):
         cfg_semantic: float, cfg_detail: float,
     ) -> io.NodeOutput:
         return io.NodeOutput(sampling.make_guider(
-            semantic_model, detail_model, positive, negative, boundary_timestep, cfg_semantic, cfg_detail,
+            semantic_model, detail_model, positive, negative, boundary_timestep=boundary_timestep,
+            cfg_semantic=cfg_semantic, cfg_detail=cfg_detail,
         ))

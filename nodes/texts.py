@@ -6,6 +6,8 @@ thing on every node. Error messages live with the code that raises them (dcm_cor
 
 from __future__ import annotations
 
+from ..dcm_core.comfy_adapter import names as N
+
 CATEGORY_SAMPLING = "sampling/DCM"
 CATEGORY_LOADERS = "loaders/DCM"
 
@@ -40,7 +42,7 @@ PRESET = (
 
 # --------------------------------------------------------------------------- DCMCheckpointLoader
 
-CHECKPOINT_LOADER_NAME = "DCM Checkpoint Loader"
+CHECKPOINT_LOADER_NAME = N.CHECKPOINT_NODE
 CHECKPOINT_LOADER_DESC = (
     "Loads a DCM transformer (the official DCM_WAN / DCM_HY diffusion_pytorch_model.safetensors, Wan2.x any size "
     "or HunyuanVideo, or a converted *_semantic file with its *_detail file in models/loras) and returns both "
@@ -58,7 +60,7 @@ DETAIL_OUT = "The detail expert (use it for the low-noise steps). Stack style Lo
 
 # --------------------------------------------------------------------------- DCMExpertLoraLoader
 
-EXPERT_LOADER_NAME = "DCM Expert LoRA Loader"
+EXPERT_LOADER_NAME = N.EXPERT_NODE
 EXPERT_LOADER_DESC = (
     "Applies a DCM detail-expert file (written by 'dcm convert' or the DCM trainer, in models/loras) to a model, "
     "checking that every patch lands. For an official combined DCM checkpoint use DCM Checkpoint Loader; for an "
@@ -71,7 +73,7 @@ EXPERT_OUT = "The model with the detail expert applied."
 
 # --------------------------------------------------------------------------- DCMSchedule
 
-SCHEDULE_NAME = "DCM Schedule"
+SCHEDULE_NAME = N.SCHEDULE_NODE
 SCHEDULE_DESC = (
     "Builds a DCM sigma list (terminal 0 included) from a preset and draws it: the sigma curve, the boundary and "
     "which expert owns each step. Feed sigmas to DCM Dual-Expert Sampler or to SamplerCustomAdvanced with DCM "
@@ -89,7 +91,7 @@ PLOT_OUT = "A picture of the schedule: the sigma curve, the boundary, and each s
 
 # --------------------------------------------------------------------------- DCMTimestepSplit
 
-SPLIT_NAME = "DCM Timestep Split"
+SPLIT_NAME = N.SPLIT_NODE
 SPLIT_DESC = (
     "Splits a sigma list at the DCM boundary into the semantic and the detail part (they share the switch sigma), "
     "for two chained SamplerCustomAdvanced nodes: the second one needs DisableNoise. A part with a single sigma "
@@ -101,7 +103,7 @@ DETAIL_SIGMAS_OUT = "Sigmas of the detail expert's steps (low noise), starting a
 
 # --------------------------------------------------------------------------- DCMDualExpertSampler
 
-SAMPLER_NAME = "DCM Dual-Expert Sampler"
+SAMPLER_NAME = N.SAMPLER_NODE
 SAMPLER_DESC = (
     "Few-step DCM sampling: the semantic expert on the high-noise steps, the detail expert on the rest, with the "
     "official flow-Euler step, one progress bar and previews. Noise comes from the seed exactly as in KSampler. "
@@ -115,7 +117,7 @@ LATENT_OUT = "The denoised latent; decode it with VAEDecode (or VAEDecodeTiled f
 
 # --------------------------------------------------------------------------- DCMDualExpertGuider
 
-GUIDER_NAME = "DCM Dual-Expert Guider"
+GUIDER_NAME = N.GUIDER_NODE
 GUIDER_DESC = (
     "A GUIDER for the stock SamplerCustomAdvanced: splits the sigmas at the boundary and runs the semantic "
     "expert, then the detail expert, in one progress bar. Use it with KSamplerSelect (euler), RandomNoise and "
@@ -126,7 +128,7 @@ GUIDER_OUT = "The dual-expert guider, for SamplerCustomAdvanced."
 # --------------------------------------------------------------------------- toy world (no downloads)
 
 CATEGORY_TOY = "sampling/DCM/toy world"
-TOY_TEXT_NAME = "DCM Toy Text Encode"
+TOY_TEXT_NAME = N.TOY_TEXT_NODE
 TOY_TEXT_DESC = (
     "Text encoder of the pack's built-in toy world (no download needed): turns a prompt such as "
     "'red circle moving right' into conditioning for the bundled toy DCM experts (dcm_toy_wan.safetensors). "
@@ -135,7 +137,7 @@ TOY_TEXT_DESC = (
 )
 TOY_PROMPT = "'<colour> <shape> <motion>', e.g. 'blue square moving up'. Leave empty for the unconditional (negative) embedding."
 TOY_CONDITIONING_OUT = "Conditioning for the toy DCM experts (8 tokens × 4096, like Wan's text width)."
-TOY_DECODE_NAME = "DCM Toy Decode"
+TOY_DECODE_NAME = N.TOY_DECODE_NODE
 TOY_DECODE_DESC = (
     "Decoder of the toy world: maps a toy latent (16 channels, 2×2 pixels per latent cell, one latent frame per "
     "video frame) back to RGB frames with the world's fixed linear map. Use it instead of a VAE for the toy experts."

@@ -4,9 +4,9 @@
 ``CFGGuider``\\ s, one per expert. ``sample()`` splits the sigmas at the boundary
 (:func:`dcm_core.schedule.split_sigmas`), runs the semantic segment with the noise, then the
 detail segment with **zero** noise from the first segment's latent (and seed + 1, so stochastic
-samplers do not replay segment 1's noise draws; euler ignores it). That hand-over is exact
-(comfyui-integration.md §4.0): segment 1 returns ``x/(1−σ_k)`` and segment 2 multiplies by
-``(1−σ_k)`` again. With ComfyUI's ``euler`` sampler every step is the official flow-Euler step
+samplers do not replay segment 1's noise draws; euler ignores it). That hand-over is exact:
+segment 1 returns ``x/(1−σ_k)`` (ComfyUI's ``process_latent_out`` of a flow model's noise scaling)
+and segment 2 multiplies by ``(1−σ_k)`` again. With ComfyUI's ``euler`` sampler every step is the official flow-Euler step
 ``x + (σ_{i+1} − σ_i)·v``, so the result equals :func:`dcm_core.sampler.sample_dcm`.
 
 Around the two runs the guider
@@ -14,9 +14,12 @@ Around the two runs the guider
 * validates everything cheap first (sigmas, boundary, latent channels / NaN, batch sizes);
 * reports one progress bar over all steps (segment 2's step index is offset);
 * checks each step's prediction for NaN / Inf and names the step and the expert;
-* honours Cancel at every step, and
-* in a ``finally``, unloads the detail clone if its patches are still applied to the shared base
-  weights, so neither an error nor a cancel leaves the base model in the detail state.
+* honours Cancel at every step.
+
+Switching experts is ComfyUI's own model management: each segment's ``CFGGuider`` loads its clone,
+and ComfyUI restores the shared base weights from its backups before it applies the other clone's
+patches. A run that fails or is cancelled mid-way therefore needs no cleanup of its own: the next
+run of either expert starts from the right weights.
 
 A schedule that gives one expert no step is not an error: a warning is logged and all steps run
 on the other expert (documented in the node descriptions).
@@ -36,18 +39,23 @@ import comfy.utils
 import latent_preview
 import torch
 
-from ..errors import DCMSamplingError, DCMScheduleError
+from ..errors import DCMSamplingError, DCMScheduleError, node_errors
 from ..sampler import check_finite
-from ..schedule import DETAIL, SEMANTIC, Expert, build_sigmas, split_sigmas, timestep_of, validate_boundary
+from ..schedule import (
+    DETAIL,
+    PRESET_CUSTOM,
+    SEMANTIC,
+    Expert,
+    build_sigmas,
+    split_sigmas,
+    timestep_of,
+    validate_boundary,
+    validate_sigmas,
+)
 from .loading import family_label, family_of
+from .names import GUIDER_NODE, SAMPLER_NODE
 
 log = logging.getLogger("DCM.comfy")
-
-SAMPLER_NODE = "DCM Dual-Expert Sampler"
-GUIDER_NODE = "DCM Dual-Expert Guider"
-
-#: Sigmas may exceed 1 by float noise only (flow models live in σ ∈ [0, 1]).
-_SIGMA_MAX = 1.0 + 1e-4
 
 
 @dataclass(frozen=True)
@@ -67,37 +75,15 @@ class Segment:
 
 
 def sigma_list(sigmas: torch.Tensor | Sequence[float], *, node: str) -> list[float]:
-    """A SIGMAS value as floats, checked: ≥ 2 entries, finite, strictly descending, within [0, 1]."""
+    """A SIGMAS value (tensor or list) as floats, checked by :func:`dcm_core.schedule.validate_sigmas`."""
     if isinstance(sigmas, torch.Tensor):
-        values = [float(x) for x in sigmas.detach().flatten().cpu().tolist()]
-    else:
-        values = [float(x) for x in sigmas]
-    if len(values) < 2:
-        raise DCMScheduleError(
-            f"{node}: the sigma list has {len(values)} value(s) {values}; it needs at least two (one step). "
-            f"Connect DCM Schedule (or a scheduler node) that produces sigmas such as 1.0, 0.992, …, 0."
-        )
-    for i, x in enumerate(values):
-        if not math.isfinite(x) or x < 0.0 or x > _SIGMA_MAX:
-            raise DCMScheduleError(
-                f"{node}: sigma #{i} = {x} is outside [0, 1]. DCM experts are flow models: sigmas run from 1.0 "
-                f"(pure noise) down to 0 (clean)."
-            )
-    for i in range(len(values) - 1):
-        if not values[i] > values[i + 1]:
-            raise DCMScheduleError(
-                f"{node}: sigmas must be strictly descending, but sigma #{i} = {values[i]} is followed by "
-                f"#{i + 1} = {values[i + 1]}. Sort them from 1.0 down and remove duplicates."
-            )
-    return values
+        sigmas = sigmas.detach().flatten().cpu().tolist()
+    return validate_sigmas(sigmas, source=node, terminal_zero=False)
 
 
 def plan_segments(sigmas: Sequence[float], boundary_timestep: float, *, node: str) -> list[Segment]:
     """The non-empty expert segments, in order; warns when one expert gets no step."""
-    try:
-        b = validate_boundary(boundary_timestep)
-    except DCMScheduleError as e:
-        raise DCMScheduleError(f"{node}: {e}") from None
+    b = validate_boundary(boundary_timestep)
     sem, det = split_sigmas(sigmas, b)
     segments: list[Segment] = []
     if len(sem) > 1:
@@ -189,33 +175,6 @@ def check_models(semantic: Any, detail: Any, *, node: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------- weights
-
-
-def release_detail_patches(semantic: Any, detail: Any) -> None:
-    """Unload the detail clone if its weight patches are still applied to the shared base model.
-
-    The two experts share one ``BaseModel``; after a run (finished, failed or cancelled) the
-    weights may hold the detail patches. Unloading the clone restores the backed-up originals
-    (``ModelPatcher.unpatch_model``), i.e. the semantic weights.
-    """
-    base = getattr(semantic, "model", None)
-    if base is None or getattr(detail, "model", None) is not base:
-        return
-    current = getattr(base, "current_weight_patches_uuid", None)
-    if current is None or current == semantic.patches_uuid:
-        return
-    mm = comfy.model_management
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        loaded = mm.current_loaded_models[i]
-        patcher = loaded.model
-        if patcher is not None and patcher.model is base:
-            mm.current_loaded_models.pop(i).model_unload()
-    if getattr(base, "current_weight_patches_uuid", None) not in (None, semantic.patches_uuid):
-        detail.detach(unpatch_all=True)
-    log.debug("DCM: detail-expert patches removed from the shared base weights")
-
-
 # --------------------------------------------------------------------------- guider
 
 
@@ -276,6 +235,10 @@ class DualExpertGuider(comfy.samplers.CFGGuider):
         disable_pbar: bool = False,
         seed: int | None = None,
     ) -> torch.Tensor:
+        with node_errors(self.node):
+            return self._sample(noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed)
+
+    def _sample(self, noise, latent_image, sampler, sigmas, denoise_mask, callback, disable_pbar, seed) -> torch.Tensor:
         node = self.node
         values = sigma_list(sigmas, node=node)
         segments = plan_segments(values, self.boundary_timestep, node=node)
@@ -285,25 +248,22 @@ class DualExpertGuider(comfy.samplers.CFGGuider):
         check_batches(self._positive, self._negative if uses_negative else None, int(latent_image.shape[0]), node=node)
         total = len(values) - 1
         x = latent_image
-        try:
-            for n, seg in enumerate(segments):
-                seg_noise = noise if n == 0 else torch.zeros_like(noise)
-                # stochastic samplers (lcm, ancestral) must not replay segment 1's noise draws
-                seg_seed = seed if seed is None else seed + n
-                seg_sigmas = torch.tensor(seg.sigmas, dtype=sigmas.dtype if isinstance(sigmas, torch.Tensor) else torch.float32)
-                x = self.guiders[seg.expert].sample(
-                    seg_noise,
-                    x,
-                    sampler,
-                    seg_sigmas,
-                    denoise_mask=denoise_mask,
-                    callback=self._step_callback(callback, seg, total),
-                    disable_pbar=disable_pbar,
-                    seed=seg_seed,
-                )
-                check_finite(x, what="The latent", step=seg.offset + seg.steps - 1, expert=seg.expert, sigma=seg.sigmas[-2])
-        finally:
-            release_detail_patches(self.semantic_model, self.detail_model)
+        for n, seg in enumerate(segments):
+            seg_noise = noise if n == 0 else torch.zeros_like(noise)
+            # stochastic samplers (lcm, ancestral) must not replay segment 1's noise draws
+            seg_seed = seed if seed is None else seed + n
+            seg_sigmas = torch.tensor(seg.sigmas, dtype=sigmas.dtype if isinstance(sigmas, torch.Tensor) else torch.float32)
+            x = self.guiders[seg.expert].sample(
+                seg_noise,
+                x,
+                sampler,
+                seg_sigmas,
+                denoise_mask=denoise_mask,
+                callback=self._step_callback(callback, seg, total),
+                disable_pbar=disable_pbar,
+                seed=seg_seed,
+            )
+            check_finite(x, what="The latent", step=seg.offset + seg.steps - 1, expert=seg.expert, sigma=seg.sigmas[-2])
         return x
 
     @staticmethod
@@ -333,29 +293,25 @@ def make_guider(
     cfg_detail: float,
 ) -> DualExpertGuider:
     """``DCM Dual-Expert Guider``."""
-    try:
+    with node_errors(GUIDER_NODE):
         validate_boundary(boundary_timestep)
-    except DCMScheduleError as e:
-        raise DCMScheduleError(f"{GUIDER_NODE}: {e}") from None
-    check_models(semantic, detail, node=GUIDER_NODE)
-    guider = DualExpertGuider(semantic, detail, boundary_timestep, cfg_semantic, cfg_detail)
-    guider.set_conds(positive, negative)
-    return guider
+        check_models(semantic, detail, node=GUIDER_NODE)
+        guider = DualExpertGuider(semantic, detail, boundary_timestep, cfg_semantic, cfg_detail)
+        guider.set_conds(positive, negative)
+        return guider
 
 
 def sampler_sigmas(preset: str, boundary_timestep: float, sigmas: Any = None) -> list[float]:
     """The sigma list of ``DCM Dual-Expert Sampler``: the ``sigmas`` input if connected, else the preset."""
     if sigmas is not None:
         return sigma_list(sigmas, node=SAMPLER_NODE)
-    if preset == "custom":
+    if preset == PRESET_CUSTOM:
         raise DCMScheduleError(
             f"{SAMPLER_NODE}: preset 'custom' needs the optional sigmas input. Connect DCM Schedule (preset "
             f"custom, your list in custom_sigmas) to it, or pick another preset."
         )
-    try:
+    with node_errors(SAMPLER_NODE):
         return build_sigmas(preset, boundary_timestep=boundary_timestep)
-    except DCMScheduleError as e:
-        raise DCMScheduleError(f"{SAMPLER_NODE}: {e}") from None
 
 
 def sample_dual_expert(

@@ -12,14 +12,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DCMScheduleError
-from ..schedule import PRESET_CUSTOM, PRESET_NAMES, build_sigmas, parse_custom_sigmas, split_sigmas, validate_boundary
+from ..errors import DCMScheduleError, node_errors
+from ..schedule import (
+    PRESET_CUSTOM,
+    PRESET_NAMES,
+    build_sigmas,
+    parse_custom_sigmas,
+    split_sigmas,
+    validate_boundary,
+    validate_sigmas,
+)
+from .names import SCHEDULE_NODE, SPLIT_NODE
 from .plot import render_schedule
 
 log = logging.getLogger("DCM.comfy")
-
-SCHEDULE_NODE = "DCM Schedule"
-SPLIT_NODE = "DCM Timestep Split"
 
 
 def check_boundary_input(boundary_timestep: Any) -> bool | str:
@@ -67,7 +73,7 @@ def make_schedule(
     custom_sigmas: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``DCM Schedule``: (SIGMAS, plot IMAGE)."""
-    try:
+    with node_errors(SCHEDULE_NODE):
         values = build_sigmas(
             preset,
             steps=steps,
@@ -77,23 +83,14 @@ def make_schedule(
             custom_sigmas=custom_sigmas,
         )
         validate_boundary(boundary_timestep)
-    except DCMScheduleError as e:
-        raise DCMScheduleError(f"{SCHEDULE_NODE}: {e}") from None
     return sigmas_tensor(values), plot_image(values, boundary_timestep)
 
 
 def split_at_boundary(sigmas: torch.Tensor, boundary_timestep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``DCM Timestep Split``: (semantic sigmas, detail sigmas) sharing the switch sigma."""
-    values = [float(x) for x in torch.as_tensor(sigmas).flatten().tolist()]
-    if len(values) < 2:
-        raise DCMScheduleError(
-            f"{SPLIT_NODE}: the sigma list has {len(values)} value(s); it needs at least two (one step). Connect DCM "
-            f"Schedule or a scheduler node."
-        )
-    try:
+    with node_errors(SPLIT_NODE):
+        values = validate_sigmas(torch.as_tensor(sigmas).flatten().tolist(), source=SPLIT_NODE, terminal_zero=False)
         sem, det = split_sigmas(values, boundary_timestep)
-    except DCMScheduleError as e:
-        raise DCMScheduleError(f"{SPLIT_NODE}: {e}") from None
     for name, part in (("semantic", sem), ("detail", det)):
         if len(part) < 2:
             log.warning(

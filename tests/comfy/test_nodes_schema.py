@@ -120,6 +120,6 @@ def test_only_the_adapter_imports_comfy():
 
                 if top == "comfy_api":
                     assert path.parts[-2] == "nodes" or path.parent.name == "nodes", f"{path}: comfy_api outside nodes/"
-                    assert name == "comfy_api.latest", f"{path}: import {name}"
+                    assert name == "comfy_api.v0_0_2", f"{path}: import {name} (pin the versioned API)"
                 elif top in forbidden:
                     assert in_adapter, f"{path}: imports {name}; only dcm_core/comfy_adapter may"

@@ -164,3 +164,29 @@ def test_unknown_preset():
 
 def test_preset_names_are_the_contract():
     assert S.PRESET_NAMES == ("wan2.1-t2v-6step", "hunyuan-t2v-4step", "per-expert-uniform", "pcm-default", "custom")
+
+
+@pytest.mark.parametrize("values,match", [
+    ([1.0, 0.5, 0.75, 0.0], r"DCM Timestep Split: sigmas must be strictly descending, but sigma #1 = 0\.5 is followed by #2 = 0\.75"),
+    ([1.0, 0.5, 0.5, 0.0], r"DCM Timestep Split: sigmas must be strictly descending, but sigma #1 = 0\.5 is followed by #2 = 0\.5"),
+    ([1.0, float("nan"), 0.0], r"DCM Timestep Split: sigma #1 = nan is outside \[0, 1\]"),
+    ([1.5, 0.5, 0.0], r"DCM Timestep Split: sigma #0 = 1\.5 is outside \[0, 1\]"),
+])
+def test_timestep_split_refuses_what_it_cannot_split(values, match):
+    """Regression: DCM Timestep Split used to check only the length, and split a non-descending list
+    at the first detail step (wrong segments). It now runs the pack's one sigma validator."""
+    import torch
+
+    from dcm_core.comfy_adapter.schedules import split_at_boundary
+
+    with pytest.raises(S.DCMScheduleError, match=match):
+        split_at_boundary(torch.tensor(values), 978.0)
+
+
+def test_one_sigma_validator_serves_presets_custom_lists_and_sockets():
+    """Full schedules need the terminal 0; a SIGMAS socket (a split segment) does not; same messages."""
+    assert S.validate_sigmas([1.0, 0.949], source="x", terminal_zero=False) == [1.0, 0.949]
+    with pytest.raises(S.DCMScheduleError, match=r"^x: the last sigma must be 0 \(got 0\.949\)"):
+        S.validate_sigmas([1.0, 0.949], source="x")
+    with pytest.raises(S.DCMScheduleError, match=r"^custom_sigmas: sigma #1 = 1\.5 is outside \[0, 1\]"):
+        S.parse_custom_sigmas("1.0, 1.5")

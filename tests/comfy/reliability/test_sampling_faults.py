@@ -84,13 +84,15 @@ _REF_WEIGHTS: dict = {}
 
 
 def _assert_unpatched(dcm, family):
-    """The shared BaseModel holds exactly the semantic expert: weights, patch uuid, no bypass hook."""
+    """Once ComfyUI loads the semantic clone (as the next run does), the shared BaseModel holds exactly
+    the semantic expert: every weight equal to the file's, and no forward hook left on any module."""
+    import comfy.model_management
     from dcm_core.formats import load_experts
 
     fam = dcm.families[family]
     semantic, _ = dcm.loading().load_dcm_checkpoint(fam.official, "default")
+    comfy.model_management.load_models_gpu([semantic])
     base = semantic.model
-    assert getattr(base, "current_weight_patches_uuid", None) in (None, semantic.patches_uuid)
     hooks = [n for n, m in base.diffusion_model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert not hooks, f"forward hooks left on {hooks[:4]}"
     if family not in _REF_WEIGHTS:
