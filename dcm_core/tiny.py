@@ -2,7 +2,7 @@
 
 No weights can be downloaded in CI, so every model the tests and benchmarks use is built
 here from a diffusers config. Shapes respect what ComfyUI's model detection needs
-(comfyui-integration.md §6.5, testing-on-cpu.md §3): Wan ``dim`` a multiple of 128 with
+(``comfy/model_detection.py`` reads the architecture from weight shapes): Wan ``dim`` a multiple of 128 with
 head_dim 128 and text_dim 4096; HunyuanVideo hidden a multiple of 128, head_dim 128,
 2 refiner blocks, mlp_ratio 4.
 """

@@ -9,7 +9,7 @@ ComfyUI (a125cd84) ``comfy/ldm/wan/model.py`` / ``comfy/ldm/hunyuan_video/model.
 instantiating both sides (tests/unit/test_keymaps.py holds the key lists, tests/comfy checks them
 against the real ComfyUI classes).
 
-Traps handled here (comfyui-integration.md §3.3/§3.4):
+Traps handled here:
 
 * Wan ``blocks.N.norm2`` (affine) is ComfyUI ``blocks.N.norm3``;
 * Wan ``scale_shift_table`` -> ``head.modulation``, ``blocks.N.scale_shift_table`` -> ``blocks.N.modulation``;
