@@ -85,6 +85,68 @@ def resolve_transformer_dir(path: Path) -> Path | None:
     return None
 
 
+#: Latent channels of the VAEs the trainer supports (Wan2.1 / HunyuanVideo), per VAE config key.
+LATENT_CHANNELS = 16
+_VAE_CHANNEL_KEYS = ("z_dim", "latent_channels")
+SUPPORTED_MODELS = "Wan2.1 T2V (1.3B / 14B) and HunyuanVideo T2V diffusers folders"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DCMConfigError(f"{path}: cannot read this JSON file ({e}).") from e
+    if not isinstance(data, dict):
+        raise DCMConfigError(f"{path}: expected a JSON object.")
+    return data
+
+
+def check_model_folder(root: Path) -> None:
+    """Refuse what the trainer would otherwise get silently wrong (review C3), naming the file and what is supported.
+
+    * a two-transformer folder (Wan2.2 A14B: ``transformer_2/`` and ``boundary_ratio`` in ``model_index.json``):
+      only ``transformer/`` — the high-noise expert — would be loaded, and the teacher would be wrong below
+      the boundary;
+    * a VAE whose latents are not 16-channel (Wan2.2 TI2V-5B: 48): the latent statistics and shapes are
+      Wan2.1's.
+    """
+    index = root / "model_index.json"
+    info = _read_json(index) if index.is_file() else {}
+    if (root / "transformer_2").is_dir() or "transformer_2" in info or "boundary_ratio" in info:
+        what = index if ("boundary_ratio" in info or "transformer_2" in info) else root / "transformer_2"
+        raise DCMConfigError(
+            f"{what}: this is a two-transformer model (Wan2.2 A14B style: transformer/ for high noise, transformer_2/ "
+            f"below boundary_ratio={info.get('boundary_ratio', '?')}). The DCM trainer supports {SUPPORTED_MODELS} "
+            f"with one transformer; loading only transformer/ would give a teacher that is wrong below the boundary."
+        )
+    vae_cfg = root / "vae" / "config.json"
+    if vae_cfg.is_file():
+        check_vae_config(vae_cfg)
+
+
+def check_vae_config(path: Path) -> None:
+    """A VAE config.json must describe 16-channel latents (Wan2.1 / HunyuanVideo)."""
+    cfg = _read_json(path)
+    for key in _VAE_CHANNEL_KEYS:
+        if key in cfg and int(cfg[key]) != LATENT_CHANNELS:
+            raise DCMConfigError(
+                f"{path}: {key} = {cfg[key]}, a {cfg[key]}-channel VAE (e.g. the Wan2.2 TI2V-5B VAE). The DCM trainer "
+                f"supports 16-channel latents only ({SUPPORTED_MODELS})."
+            )
+
+
+def check_transformer_config(config: dict, where: Path) -> None:
+    """``in_channels`` must equal ``out_channels``: image-to-video transformers (36 in, 16 out) need conditioning
+    the trainer does not provide."""
+    cin, cout = config.get("in_channels"), config.get("out_channels")
+    if cin is not None and cout is not None and int(cin) != int(cout):
+        raise DCMConfigError(
+            f"{where}: in_channels = {cin} but out_channels = {cout} (an image-to-video transformer: the image latent "
+            f"and mask are concatenated to the input). The DCM trainer supports text-to-video transformers only "
+            f"(in_channels = out_channels, {SUPPORTED_MODELS})."
+        )
+
+
 def _is_combined_official(keys: Any) -> bool:
     return any(".base_layer." in k for k in keys)
 
@@ -143,7 +205,10 @@ def load_transformer(
                 f"{p} holds no transformer config.json (looked in ., transformer/, export/transformer/). Give a diffusers "
                 f"model folder, its transformer/ folder or a finished run folder."
             )
+        for root in sorted({p, d.parent}):  # the model folder, also when its transformer/ was given
+            check_model_folder(root)
         config = json.loads((d / "config.json").read_text())
+        check_transformer_config(config, d / "config.json")
         cls = _class_for_config(config)
         weights = d / TRANSFORMER_WEIGHTS
         if weights.is_file():
@@ -160,6 +225,7 @@ def load_transformer(
                 f"to the transformer's config.json."
             )
         config = json.loads(cfg_file.read_text())
+        check_transformer_config(config, cfg_file)
         sd = _read_safetensors(p)
         if _is_combined_official(sd.keys()):
             sd = semantic_state_dict(sd)

@@ -96,8 +96,12 @@ def load_vae(model_dir: str | Path, family: str, dtype: torch.dtype = torch.floa
     """The VAE of a diffusers model folder (``vae/``) or a VAE folder itself."""
     from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
 
+    from .models import check_vae_config
+
     p = Path(model_dir)
     d = p / "vae" if (p / "vae" / "config.json").is_file() else p
+    if (d / "config.json").is_file():
+        check_vae_config(d / "config.json")
     cls = AutoencoderKLWan if family == "wan" else AutoencoderKLHunyuanVideo
     return cls.from_pretrained(str(d), torch_dtype=dtype).eval()
 
