@@ -67,7 +67,7 @@ PROBE_TAG = "# comfy-probe:"
 HAND_KEPT = ("methods", "accepted_unverifiable")
 #: members whose signature is the subclass's own business (ComfyUI never calls them with the base's arguments)
 OVERRIDE_EXEMPT = frozenset({"__init__", "__new__", "__init_subclass__"})
-REFRESH = ("python tools/comfy_surface.py --comfy ~/ComfyUI --label a125cd84 "
+REFRESH = (".venv/bin/python tools/comfy_surface.py --comfy ~/ComfyUI --label a125cd84 "
            "--comfy /tmp/comfyui-newer --label newer")
 REFRESH_HINT = f"refresh the surface file: {REFRESH}"
 
