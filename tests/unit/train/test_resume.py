@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dcm_core.errors import DCMCheckpointError
 from dcm_core.train import checkpoint as ck
-from dcm_core.train.trainer import DEBUG_HANG_ENV, DCMTrainer
+from dcm_core.train.trainer import DCMTrainer
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -46,9 +46,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path, th):
     cfg_file = tmp_path / "b.json"
     cfg_file.write_text(json.dumps(cfg_b.to_dict()))
     env = th.subprocess_env()
-    env[DEBUG_HANG_ENV] = "2"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dcm_core", "train", "--config", str(cfg_file)],
+        [sys.executable, str(Path(__file__).resolve().parent / "hang_child.py"), "2", "--", "train", "--config", str(cfg_file)],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     ckpt2 = tmp_path / "B" / "checkpoints" / "checkpoint-00000002"
