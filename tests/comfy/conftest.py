@@ -182,13 +182,14 @@ class DCMWorld:
         return comfy.sample.prepare_noise(self.empty_latent(batch), seed)
 
     def reference(self, family: str, seed: int, sigmas, boundary: float, batch: int = 1, cond_batch: int = 1,
-                  cfg: tuple[float, float] = (1.0, 1.0)):
+                  cfg: tuple[float, float] = (1.0, 1.0), only_expert: str | None = None):
         """dcm_core.sampler.sample_dcm over the diffusers+peft model → ComfyUI (raw VAE) latent space.
 
         ``cfg = (semantic, detail)``: each expert's own classifier-free guidance scale on its own steps,
         ``v = v_neg + scale·(v_pos − v_neg)`` with the negative prompt of :meth:`sampler_prompt` (NEG_SEED); a
         scale of 1 runs no negative pass. (ComfyUI mixes the x0 predictions ``x − σ·v``; for the flow-Euler step
-        that is the same mix of velocities.)"""
+        that is the same mix of velocities.) ``only_expert`` runs every step on that expert (a routing bug, for
+        sizing tolerances)."""
         from dcm_core.latents import from_model_space
         from dcm_core.modeling import velocity
         from dcm_core.sampler import sample_dcm
@@ -213,6 +214,7 @@ class DCMWorld:
         (ctx, kwargs), (neg_ctx, neg_kwargs) = prompt(COND_SEED), prompt(NEG_SEED)
 
         def model_fn(x, sigma, expert):
+            expert = only_expert or expert
             v = velocity(fam.model, x, sigma, ctx, expert, **kwargs)
             scale = cfg[0] if expert == SEMANTIC else cfg[1]
             if scale == 1.0:

@@ -144,18 +144,50 @@ def test_converted_files_with_pack_and_stock_loaders_equal_official(dcm, comfy):
         assert (to_model_space(out, "wan") - to_model_space(official, "wan")).abs().max().item() < 1e-5, loader
 
 
-@pytest.mark.parametrize("expert_output", [0, 1])
-def test_style_lora_stacks_on_either_expert(dcm, expert_output):
+@pytest.mark.parametrize("expert_output", [0, 1], ids=["on-semantic", "on-detail"])
+def test_style_lora_stacks_on_the_chosen_expert_only(dcm, expert_output):
+    """A stock LoraLoaderModelOnly on one output of the DCM loader styles that expert's steps and no other.
+
+    Expected result built without the DCM loader: stock UNETLoader of the converted semantic file, the detail
+    expert as LoraLoaderModelOnly, the style LoRA stacked on the chosen expert only (``expected``) or on both
+    (``leaked``: what a style leaking through the shared base weights would give). Measured (fp32 max abs, model
+    space): DCM vs expected 0 (bit-equal) for both experts; expected vs leaked 5.5e-2 (style on the semantic
+    expert) / 8.1e-3 (on the detail expert); style vs no style 8.2e-3 / 5.5e-2. Tolerance 1e-4 (fp32), each effect
+    must exceed 5e-3 (50x the tolerance)."""
     style = dcm.style_lora()
-    base = dcm.run(dcm.sampler_prompt("wan", seed=17))
-    outs = {}
-    for strength in (0.0, 1.0):
+    fam = dcm.families["wan"]
+    chosen = "semantic_model" if expert_output == 0 else "detail_model"
+
+    def dcm_chain(strength: float) -> dict:
         p = dcm.sampler_prompt("wan", seed=17)
         p["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", expert_output], "lora_name": style, "strength_model": strength}}
-        p["5"]["inputs"]["semantic_model" if expert_output == 0 else "detail_model"] = ["20", 0]
-        outs[strength] = dcm.run(p)
-    assert torch.equal(outs[0.0], base)
-    assert (outs[1.0] - base).abs().max().item() > 1e-3
+        p["5"]["inputs"][chosen] = ["20", 0]
+        return p
+
+    def stock_chain(styled: tuple[str, ...]) -> dict:
+        p = dcm.sampler_prompt("wan", seed=17)
+        p["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": fam.semantic, "weight_dtype": "default"}}
+        p["21"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": fam.detail, "strength_model": 1.0}}
+        models = {"semantic_model": ["1", 0], "detail_model": ["21", 0]}
+        for i, name in enumerate(styled):
+            p[f"3{i}"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": models[name], "lora_name": style, "strength_model": 1.0}}
+            models[name] = [f"3{i}", 0]
+        p["5"]["inputs"].update(models)
+        return p
+
+    base = dcm.run(dcm.sampler_prompt("wan", seed=17))
+    assert torch.equal(dcm.run(dcm_chain(0.0)), base)
+    out = dcm.run(dcm_chain(1.0))
+    expected = dcm.run(stock_chain((chosen,)))
+    leaked = dcm.run(stock_chain(("semantic_model", "detail_model")))
+
+    def gap(a, b) -> float:
+        return (to_model_space(a, "wan") - to_model_space(b, "wan")).abs().max().item()
+
+    print(f"[style] on {chosen}: DCM vs expected {gap(out, expected):.3e}; expected vs leaked {gap(expected, leaked):.3e}; "
+          f"style effect {gap(out, base):.3e}")
+    assert gap(out, expected) <= 1e-4
+    assert gap(expected, leaked) > 5e-3 and gap(out, base) > 5e-3  # a leak and a dropped style would both be seen
     _assert_semantic_weights(dcm)
 
 

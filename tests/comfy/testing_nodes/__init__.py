@@ -7,6 +7,11 @@
   cond_or_uncond)`` into ``PASSES``: which passes the call ran (ComfyUI's 0 = positive, 1 = negative;
   one call may batch both).
 
+* ``DCMTestModelInfo``    — output node that keeps facts about a MODEL in ``DCMTestModelInfo.STORE[key]``: the
+  weight dtype, the number of weight patches, the fp8-matmul flag, and the id of the shared base model.
+* ``DCMTestStockUNETLoader`` — stock ``UNETLoader``'s code path (``comfy.sd.load_diffusion_model`` with
+  ``model_options``) for every weight dtype, bf16 / fp16 included, which the stock node does not offer.
+
 Class-level containers are mutated, never reassigned: V3 runs a shallow class clone per execution.
 """
 
@@ -105,9 +110,71 @@ class DCMTestRecordCalls(io.ComfyNode):
         return io.NodeOutput(m)
 
 
+class DCMTestModelInfo(io.ComfyNode):
+    """Keep dtype / patch count / fp8 flag / base-model id of a MODEL (``STORE[key]``)."""
+
+    STORE: dict = {}
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DCMTestModelInfo",
+            category="testing/DCM",
+            inputs=[io.Model.Input("model"), io.String.Input("key", default="model")],
+            outputs=[],
+            is_output_node=True,
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model, key):
+        return float("nan")
+
+    @classmethod
+    def execute(cls, model, key):
+        base = model.model
+        DCMTestModelInfo.STORE[key] = {
+            "dtype": base.get_dtype(),
+            "patches": len(model.patches),
+            "fp8_optimizations": bool(base.model_config.optimizations.get("fp8", False)),
+            "base_id": id(base),
+        }
+        return io.NodeOutput()
+
+
+WEIGHT_DTYPES = {
+    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+class DCMTestStockUNETLoader(io.ComfyNode):
+    """``UNETLoader.load_unet`` with any weight dtype (same call, same ``model_options`` keys)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DCMTestStockUNETLoader",
+            category="testing/DCM",
+            inputs=[io.String.Input("unet_name"), io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES))],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, weight_dtype):
+        import comfy.sd
+        import folder_paths
+
+        opts = {"dtype": WEIGHT_DTYPES[weight_dtype]}
+        if weight_dtype == "fp8_e4m3fn_fast":
+            opts["fp8_optimizations"] = True
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        return io.NodeOutput(comfy.sd.load_diffusion_model(path, model_options=opts))
+
+
 class _Ext(ComfyExtension):
     async def get_node_list(self):
-        return [DCMTestConditioning, DCMTestCapture, DCMTestRecordCalls]
+        return [DCMTestConditioning, DCMTestCapture, DCMTestRecordCalls, DCMTestModelInfo, DCMTestStockUNETLoader]
 
 
 async def comfy_entrypoint():
