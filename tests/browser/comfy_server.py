@@ -377,8 +377,11 @@ def tail(path: Path, n: int = 60) -> str:
 class ComfyServer:
     """``python main.py --cpu …`` from the ComfyUI work tree, as a subprocess."""
 
-    def __init__(self, base: Path, home: Path, *, comfy: Path | None = None, python: str | None = None):
+    def __init__(
+        self, base: Path, home: Path, *, comfy: Path | None = None, python: str | None = None, extra_args: tuple = ()
+    ):
         self.base = base
+        self.extra_args = tuple(extra_args)  # more main.py flags (the soak tier: --preview-method, --cache-none)
         self.home = home
         self.comfy = comfy or comfyui_path()
         self.python = python or sys.executable
@@ -393,7 +396,7 @@ class ComfyServer:
         log = open(self.log_path, "wb")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [self.python, "main.py", *comfy_args(self.port, self.base)],
+            [self.python, "main.py", *comfy_args(self.port, self.base), *self.extra_args],
             cwd=self.comfy,
             env=server_env(self.home),
             stdout=log,
