@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,11 +35,31 @@ def _assert_same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, t
             assert torch.equal(a[fname][k], b[fname][k]), f"{fname}:{k} differs"
 
 
+def _json_state(run: Path, step: int) -> dict[str, object]:
+    """The checkpoint's JSON files: LR scheduler, optimizer hyper-parameters (the lr of every group), trainer state."""
+    d = run / "checkpoints" / f"checkpoint-{step:08d}"
+    out = {f.name: json.loads(f.read_text()) for f in sorted(d.glob("*.json")) if f.name != ck.MANIFEST and not f.name.startswith("rng-")}
+    assert {"scheduler.json", "optimizer.json", "trainer_state.json"} <= out.keys(), sorted(out)
+    return out
+
+
+def _assert_same_state(a: Path, b: Path, step: int) -> None:
+    ja, jb = _json_state(a, step), _json_state(b, step)
+    for j in (ja, jb):  # the run folder differs between two runs by design
+        j["trainer_state.json"]["config"].pop("output_dir")
+    assert ja.keys() == jb.keys()
+    for name in ja:
+        assert ja[name] == jb[name], f"{name} differs after resume"
+    assert ja["scheduler.json"]["last_epoch"] == step
+
+
 def test_kill_and_resume_is_bit_identical(tmp_path, th):
-    """4 steps straight == 2 steps + SIGKILL + resume latest + 2 steps (detail stage: G, D, EMA, all RNGs)."""
+    """4 steps straight == 2 steps + SIGKILL + resume latest + 2 steps (detail stage: G, D, EMA, all RNGs, and a
+    warm-up + cosine LR schedule: multipliers 0, 1, 0.75, 0.25 — a scheduler restarted at step 0 on resume would
+    use 1 instead of 0.25 for step 4)."""
     data = th.make_dataset(tmp_path / "data", "wan", n=3)
     extra = dict(max_train_steps=4, checkpoint__every_steps=2, optim__use_ema="true", data__caption_dropout=0.5,
-                 export__at_end="false", optim__lr=1e-4)
+                 export__at_end="false", optim__lr=1e-4, optim__lr_scheduler="cosine", optim__lr_warmup_steps=1)
     # A: uninterrupted, in-process
     DCMTrainer(th.tiny_config("wan", "detail", data, tmp_path / "A", **extra)).train()
     # B: a subprocess that sleeps after publishing checkpoint 2 and is SIGKILLed there
@@ -68,10 +89,39 @@ def test_kill_and_resume_is_bit_identical(tmp_path, th):
     assert tr.global_step == 2
     tr.train()
     _assert_same(_final(tmp_path / "A", 4), _final(tmp_path / "B", 4))
+    _assert_same_state(tmp_path / "A", tmp_path / "B", 4)
     for r in (0,):
         a = load_file(str(tmp_path / "A" / "checkpoints" / "checkpoint-00000004" / f"rng-rank{r}.safetensors"))
         b = load_file(str(tmp_path / "B" / "checkpoints" / "checkpoint-00000004" / f"rng-rank{r}.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_linear_warmup_schedule_is_exact_and_follows_the_schedule(tmp_path, th):
+    """Fixed run length (4 steps, linear decay after 1 warm-up step): the run cut back to its step-2 checkpoint and
+    resumed writes a step-4 checkpoint bit-identical to the one it wrote uninterrupted — weights, optimizer and EMA
+    tensors, scheduler.json, optimizer.json and trainer_state.json — and the LR after each step is the
+    hand-computed one (a scheduler restarted at step 0 on resume would give step 4 the multiplier 1, not 1/3)."""
+    data = th.make_dataset(tmp_path / "data", "wan", n=3)
+    lr = 1e-4
+    extra = dict(max_train_steps=4, checkpoint__every_steps=2, checkpoint__keep=0, optim__use_ema="true",
+                 export__at_end="false", optim__lr=lr, optim__lr_scheduler="linear", optim__lr_warmup_steps=1)
+    run = tmp_path / "run"
+    res = DCMTrainer(th.tiny_config("wan", "semantic", data, run, **extra)).train()
+    # linear with 1 warm-up step over 4 steps: multiplier(step) = 0 | 1, 2/3, 1/3, 0; the lr logged after step k
+    # is the one step k + 1 uses, lr · multiplier(k)
+    assert [h["lr"] for h in res.history] == pytest.approx([lr, lr * 2 / 3, lr / 3, 0.0], rel=1e-6, abs=1e-15)
+    tensors, state = _final(run, 4), _json_state(run, 4)
+    shutil.rmtree(run / "checkpoints" / "checkpoint-00000004")
+    tr = DCMTrainer(th.tiny_config("wan", "semantic", data, run, **extra), resume="latest")
+    assert tr.global_step == 2
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(lr * 2 / 3, rel=1e-6)
+    res_b = tr.train()
+    assert [h["lr"] for h in res_b.history] == pytest.approx([lr / 3, 0.0], rel=1e-6, abs=1e-15)
+    _assert_same(tensors, _final(run, 4))
+    again = _json_state(run, 4)
+    for name in state:
+        assert state[name] == again[name], f"{name} differs after resume"
+    assert again["scheduler.json"]["last_epoch"] == 4
 
 
 def test_resume_semantic_in_process_and_rotation(tmp_path, th):
