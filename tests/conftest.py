@@ -7,6 +7,8 @@
             and chromium + npm playwright-core, which tools/browser_setup.sh installs when missing
             (apt-get as root, npm); otherwise the tier is skipped with one line.
 * cli     — comfy-cli (launch / run / stop) against a real server; needs ComfyUI and comfy-cli in the venv.
+* soak    — a real ComfyUI server under a long seeded queue, interrupts, model-file swaps and two clients
+            (tests/soak); needs ComfyUI. Short form here, the full one with ``make soak``.
 
 Tests live in tests/<tier>/; the tier is derived from the folder.
 
@@ -127,7 +129,7 @@ def _tier_status(tier: str) -> tuple[bool, str]:
 _CONFIG = None
 
 REQUIRE_ENV = "DCM_REQUIRE_TIERS"
-TIERS = ("unit", "comfy", "browser", "cli")
+TIERS = ("unit", "comfy", "browser", "cli", "soak")
 COMFYUI_REPO = "https://github.com/Comfy-Org/ComfyUI"
 
 
@@ -179,6 +181,7 @@ def pytest_configure(config):
     global _CONFIG
     _CONFIG = config
     config.addinivalue_line("markers", "cli: needs ComfyUI and comfy-cli (tests/cli)")
+    config.addinivalue_line("markers", "soak: a live ComfyUI server under load (tests/soak)")
     if os.environ.get(REQUIRE_ENV, "").strip() and not getattr(config.option, "collectonly", False):
         _require_tiers()
 
@@ -186,9 +189,9 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     for item in items:
         tier = _tier_of(item)
-        if tier in ("comfy", "browser", "cli"):
+        if tier in ("comfy", "browser", "cli", "soak"):
             item.add_marker(getattr(pytest.mark, tier))
-            if tier in ("browser", "cli"):
+            if tier in ("browser", "cli", "soak"):
                 item.add_marker(pytest.mark.comfy)
             ok, note = _tier_status(tier)
             if not ok:
