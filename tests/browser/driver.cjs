@@ -31,8 +31,12 @@ const FLAGS = [
   "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1 , EXCLUDE localhost",
 ];
 
+// PrimeVue dialogs (frontend 1.27: missing nodes / models) and the error overlay newer frontends
+// show instead (1.58: "Missing node: …").
+const DIALOGS = ".p-dialog, [data-testid='error-overlay']";
+
 async function visibleDialogs(page) {
-  return page.$$eval(".p-dialog", (els) =>
+  return page.$$eval(DIALOGS, (els) =>
     els.filter((e) => e.offsetParent !== null || e.getClientRects().length > 0)
       .map((e) => (e.innerText || "").trim().slice(0, 600)));
 }
@@ -44,7 +48,7 @@ async function closeDialogs(page) {
     await sleep(150);
   }
   // Still open: click every close button.
-  for (const b of await page.$$(".p-dialog .p-dialog-close-button, .p-dialog [aria-label='Close']")) {
+  for (const b of await page.$$(".p-dialog .p-dialog-close-button, .p-dialog [aria-label='Close'], [data-testid='error-overlay-dismiss']")) {
     await b.click({ timeout: 1000 }).catch(() => {});
   }
 }
@@ -62,11 +66,14 @@ async function frameGraph(page, scale) {
       if (b) add(b[0], b[1], b[2], b[3]);
     }
     const rect = app.canvas.canvas.getBoundingClientRect();
-    return { bb: isFinite(x0) ? [x0, y0, x1, y1] : [0, 0, 800, 600], left: rect.left, top: rect.top };
+    // Newer frontends (1.58) lay the side toolbar over the canvas instead of beside it.
+    const bar = document.querySelector(".side-tool-bar-container");
+    const barRight = bar ? bar.getBoundingClientRect().right : 0;
+    return { bb: isFinite(x0) ? [x0, y0, x1, y1] : [0, 0, 800, 600], left: rect.left, top: rect.top, barRight };
   });
   const bb = g.bb, pad = 30, w = bb[2] - bb[0], h = bb[3] - bb[1];
-  // The canvas lies under the top menu/tab bars; keep the graph below them.
-  const left = pad, top = Math.max(pad, 100 - g.top);
+  // The canvas lies under the top menu/tab bars (and maybe the side toolbar); keep the graph clear of them.
+  const left = Math.max(pad, g.barRight - g.left + pad), top = Math.max(pad, 100 - g.top);
   const vw = Math.min(3600, Math.max(1280, Math.ceil(g.left + left + w * scale + pad)));
   const vh = Math.min(2600, Math.max(800, Math.ceil(g.top + top + h * scale + pad)));
   await page.setViewportSize({ width: vw, height: vh });
@@ -212,7 +219,7 @@ async function main() {
         await closeDialogs(page);
         Object.assign(r, await page.evaluate(loadWorkflow, { ...plan.negative, breakIt: true }));
         await collect(page, r);
-        const n = r.changed && r.nodes.find((x) => x.id === r.changed.id);
+        const n = r.changed && r.nodes.find((x) => String(x.id) === String(r.changed.id)); // 1.58: string ids
         r.changedWidget = n ? (n.widgets.find((w) => w.serialize) || {}).name : null;
         r.screenshot = path.join(plan.outDir, `negative_control_${plan.negative.name}.png`);
         await page.screenshot({ path: r.screenshot });
