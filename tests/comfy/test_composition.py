@@ -135,3 +135,41 @@ def test_hook_lora_on_the_conditioning_equals_the_stock_chain(dcm):
     assert effect > 100 * TOL
     # and the next plain run is not affected by the hook (ComfyUI removed its weights)
     assert _max_abs(dcm.run(_dcm_prompt(dcm, 24)), plain) == 0.0
+
+
+def test_model_save_of_the_detail_output_holds_the_detail_expert(dcm):
+    """Stock ModelSave on detail_model writes the detail expert's weights (LoRA merged, own embedder/head).
+
+    With the old bypass the LoRA lived in forward hooks, and on newer ComfyUI (which saves lazily from the
+    patch list) a saved detail model would have lacked it. Checked through the user's path: the saved file,
+    loaded by stock UNETLoader as the detail expert, samples like DCM Checkpoint Loader's detail output.
+    Measured 0 (bit-equal); the semantic file in its place differs by 1.2."""
+    import shutil
+    from pathlib import Path
+
+    import folder_paths
+
+    fam = dcm.families["wan"]
+    prefix = "dcm_saved/detail"
+    dcm.h.run({
+        "1": {"class_type": "DCMCheckpointLoader", "inputs": {"ckpt_name": fam.official, "weight_dtype": "default"}},
+        "2": {"class_type": "ModelSave", "inputs": {"model": ["1", 1], "filename_prefix": prefix}},
+    })
+    saved = sorted((Path(folder_paths.get_output_directory()) / "dcm_saved").glob("detail_*.safetensors"))
+    assert saved, "ModelSave wrote no file"
+    target = dcm.h.model_dir("diffusion_models") / "dcm_saved_detail.safetensors"
+    shutil.copyfile(saved[-1], target)
+    try:
+        p = _dcm_prompt(dcm, 25)
+        p["50"] = {"class_type": "UNETLoader", "inputs": {"unet_name": target.name, "weight_dtype": "default"}}
+        p["5"]["inputs"]["detail_model"] = ["50", 0]
+        from_saved = dcm.run(p)
+        p["50"]["inputs"]["unet_name"] = fam.semantic  # what a save without the expert would hold
+        without = dcm.run(p)
+    finally:
+        target.unlink()
+    reference = dcm.run(_dcm_prompt(dcm, 25))
+    diff, effect = _max_abs(from_saved, reference), _max_abs(without, reference)
+    print(f"[compose] ModelSave detail: {diff:.3e}; without the expert {effect:.3e}")
+    assert diff <= TOL
+    assert effect > 100 * TOL
