@@ -5,6 +5,9 @@
 #   make test-cli     comfy-cli launch / run / stop against a real ComfyUI server
 #   make bench        CPU benchmarks → bench/results/latest.json + markdown table
 #   make reliability  fuzzed / hostile inputs and fault-injection suite, with figures
+#   make soak         a live ComfyUI server under a long seeded queue (≥ 200 prompts, ≥ 50 interrupts, model files
+#                     swapped under it, two websocket clients, RSS per run, bad /prompt requests) → tests/_output/soak/;
+#                     `make test` runs its short form (tests/soak)
 #   make toy-models   retrain the bundled toy teacher and experts from scratch (+ the ablation runs)
 #   make toy-eval     measured quality of the toy experts (needs the ablation runs of toy-models)
 SHELL := /bin/bash
@@ -16,7 +19,7 @@ export COMFYUI_PATH
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability toy-models toy-eval lint clean
+.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability soak toy-models toy-eval lint clean
 
 venv:
 	@PYTHON=$(PYTHON) VENV=$(VENV) tools/bootstrap.sh
@@ -44,6 +47,9 @@ bench: venv
 
 reliability: venv
 	$(PY) -m pytest tests/unit/reliability tests/comfy/reliability -p no:randomly -q -o addopts="--import-mode=importlib -p no:cacheprovider" --reliability-full $(PYTEST_ARGS)
+
+soak: venv
+	DCM_SOAK_FULL=1 $(PY) -m pytest tests/soak -q $(PYTEST_ARGS)
 
 toy-models: venv
 	$(PY) -m dcm_core.toy.build --ablations

@@ -7,29 +7,19 @@ figures go into README's Reliability section. Output: tests/_output/soak/.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tools.pathimport import load_path_module
+
 HERE = Path(__file__).resolve().parent
-
-
-def load_soak_module():
-    name = "dcm_soak"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "soak.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")
 def soak_result(tmp_path_factory, request):
-    soak = load_soak_module()
+    soak = load_path_module("dcm_soak", HERE / "soak.py")
     full = os.environ.get("DCM_SOAK_FULL", "") not in ("", "0")
     cfg = soak.SoakConfig.full() if full else soak.SoakConfig.short()
     tr = request.config.pluginmanager.get_plugin("terminalreporter")

@@ -27,7 +27,8 @@ What one :func:`run_soak` does (all loopback, seeded, bounded in count and time,
   own for the inputs it validates); the server log must hold no traceback through pack code except
   the node errors of the swap cases, each ending in a ``DCM…Error``.
 
-Figures and the RSS plot land in tests/_output/soak/ (``soak.json``, ``rss.png``, the server logs).
+Figures and the RSS plot land in tests/_output/soak/ (``soak-short.json`` / ``soak-full.json``,
+``rss-short.png`` / ``rss-full.png``, the last run's server logs).
 Used by tests/soak/test_soak.py (short form in ``make test``; ``DCM_SOAK_FULL=1`` / ``make soak``).
 """
 
@@ -36,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import random
@@ -56,18 +56,10 @@ OUT = ROOT / "tests" / "_output" / "soak"
 SOAK_NODES = HERE / "soak_nodes"
 
 
-def load_server_module():
-    """tests/browser/comfy_server.py as module ``dcm_comfy_server`` (shared with the browser / cli tiers)."""
-    name = "dcm_comfy_server"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "browser" / "comfy_server.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+from tools.pathimport import load_path_module  # noqa: E402  (the repo root is on sys.path: pytest / PYTHONPATH)
 
-
-cs = load_server_module()
+# the browser / cli tiers' server helpers, under the name they load it by
+cs = load_path_module("dcm_comfy_server", ROOT / "tests" / "browser" / "comfy_server.py")
 
 SWAP_NAME = "soak_swap.safetensors"
 SWAP_A, SWAP_B = "soak_swap_a.safetensors", "soak_swap_b.safetensors"
@@ -1009,7 +1001,7 @@ def plot_rss(samples: list[tuple[int, int]], warmup: int, path: Path, title: str
 
 
 def run_soak(cfg: SoakConfig, work: Path, log=print) -> dict:
-    """Run the whole soak; returns the figures (also written to tests/_output/soak/soak.json)."""
+    """Run the whole soak; returns the figures (also written to tests/_output/soak/soak-<short|full>.json)."""
     OUT.mkdir(parents=True, exist_ok=True)
     soak = Soak(cfg, work, log)
     bases = soak.build_bases()
@@ -1026,10 +1018,10 @@ def run_soak(cfg: SoakConfig, work: Path, log=print) -> dict:
                     shutil.copyfile(srv.log_path, OUT / f"{name}.log")
     figures = soak.evaluate()
     figures["form"] = "full" if cfg.prompts >= 200 else "short"
-    plot_rss(soak.rss, cfg.warmup, OUT / "rss.png",
+    plot_rss(soak.rss, cfg.warmup, OUT / f"rss-{figures['form']}.png",
              f"ComfyUI server RSS per finished run ({figures['form']} soak, growth after warm-up "
              f"{figures['rss']['growth_pct']} %)")  # fmt: skip
-    (OUT / "soak.json").write_text(json.dumps(figures, indent=1))
+    (OUT / f"soak-{figures['form']}.json").write_text(json.dumps(figures, indent=1))
     return figures
 
 

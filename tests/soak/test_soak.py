@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def _failures(res: dict, cat: str) -> str:
     items = res["failures"][cat]
-    return f"{len(items)} failure(s) — see tests/_output/soak/soak.json:\n" + "\n".join(f"- {m}" for m in items[:15])
+    return f"{len(items)} failure(s) — see tests/_output/soak/soak-<short|full>.json:\n" + "\n".join(f"- {m}" for m in items[:15])
 
 
 def test_bounded_and_large_enough(soak_result):
