@@ -187,6 +187,41 @@ def test_bad_headers_rejected_with_file_name(tmp_path, name, make):
         inspect_file(p)
 
 
+def test_duplicate_key_is_named(tmp_path):
+    """JSON keeps the last of two equal keys; the reader refuses the file instead, naming the key."""
+    p = dict(BAD_HEADERS)["duplicate_keys"](tmp_path)
+    with pytest.raises(DCMFormatError, match=r"the safetensors header lists the key 'a' twice"):
+        read_header(p)
+
+
+def test_header_size_cap(tmp_path):
+    """A header longer than the cap is refused from its 8-byte length alone, before any of it is read."""
+    import tracemalloc
+
+    from dcm_core.formats.safetensors_io import MAX_HEADER_BYTES
+
+    good = _good(tmp_path)
+    n = struct.unpack("<Q", good.read_bytes()[:8])[0]
+    assert read_header(good, max_header_bytes=n).header_size == n  # at the cap: read
+    with pytest.raises(DCMFormatError, match=rf"the header claims {n} bytes \(limit {n - 1}\); that is not a real model header"):
+        read_header(good, max_header_bytes=n - 1)
+    # the default cap, on the user's paths (read_header, inspect): a sparse file whose header length is one byte
+    # over 100 MiB; reading that header would allocate > 100 MB
+    big = tmp_path / "huge_header.safetensors"
+    with open(big, "wb") as fh:
+        fh.write(struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{")
+        fh.truncate(8 + MAX_HEADER_BYTES + 1 + 16)
+    for fn in (read_header, inspect_file):
+        tracemalloc.start()
+        try:
+            with pytest.raises(DCMFormatError, match=rf"claims {MAX_HEADER_BYTES + 1} bytes \(limit {MAX_HEADER_BYTES}\)"):
+                fn(big)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, f"{fn.__name__} allocated {peak} bytes before refusing"
+
+
 def test_truncated_real_file(tmp_path):
     p = _good(tmp_path)
     data = p.read_bytes()
@@ -259,14 +294,14 @@ def test_streaming_writer_roundtrip_matches_safetensors(tmp_path):
 def test_streaming_writer_cleans_up_on_error(tmp_path):
     plan = [PlannedTensor("a", (2,), torch.float32), PlannedTensor("b", (3,), torch.float32)]
     dest = tmp_path / "x.safetensors"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"tensor #1 is 'b' \(4,\) torch.float32, planned 'b' \(3,\) torch.float32"):
         with StreamingWriter(dest, plan) as w:
             w.write("a", torch.zeros(2))
             w.write("b", torch.zeros(4))  # wrong shape
     with pytest.raises(ValueError, match="only 1 of 2"):
         with StreamingWriter(dest, plan) as w:
             w.write("a", torch.zeros(2))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^boom$"):  # the caller's error, not one of the writer's
         with StreamingWriter(dest, plan) as w:
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
@@ -275,7 +310,7 @@ def test_streaming_writer_cleans_up_on_error(tmp_path):
 def test_atomic_output_keeps_old_file_on_error(tmp_path):
     dest = tmp_path / "f.bin"
     dest.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^x$"):
         with atomic_output(dest) as fh:
             fh.write(b"new partial")
             raise RuntimeError("x")

@@ -89,11 +89,11 @@ def test_split_edge_cases():
     assert S.split_sigmas(s, 999) == ([1.0, 0.99], [0.99, 0.5, 0.0])  # t=1000 > 999: one semantic step
     low = [0.9, 0.5, 0.0]
     assert S.split_sigmas(low, 978) == ([0.9], low)  # every step is detail
-    with pytest.raises(DCMScheduleError, match="outside"):
+    with pytest.raises(DCMScheduleError, match=r"boundary_timestep=1000 is outside \(0, 1000\)"):
         S.split_sigmas(s, 1000)
-    with pytest.raises(DCMScheduleError, match="outside"):
+    with pytest.raises(DCMScheduleError, match=r"boundary_timestep=0 is outside \(0, 1000\)"):
         S.route(s, 0)
-    with pytest.raises(DCMScheduleError):
+    with pytest.raises(DCMScheduleError, match=r"boundary_timestep=nan is outside \(0, 1000\)"):
         S.route(s, math.nan)
 
 

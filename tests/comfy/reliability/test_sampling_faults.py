@@ -87,6 +87,7 @@ def _assert_unpatched(dcm, family):
     """Once ComfyUI loads the semantic clone (as the next run does), the shared BaseModel holds exactly
     the semantic expert: every weight equal to the file's, and no forward hook left on any module."""
     import comfy.model_management
+
     from dcm_core.formats import load_experts
 
     fam = dcm.families[family]
@@ -275,6 +276,20 @@ bad_sigmas = st.one_of(
     st.sampled_from(["1.0, nan, 0.0", "inf, 0.5, 0", "1.0, 0.5, 0.5, 0.0", "0.0, 1.0"]),
 )
 
+
+def _sigma_error(text: str) -> str:
+    """The message a refused sigma list must carry, from the list as the sampler sees it (float32, as
+    DCMRelSigmas makes it): too short, then the first value outside [0, 1], then the first non-descending pair."""
+    vals = torch.tensor([float(v) for v in text.replace(",", " ").split()], dtype=torch.float32).tolist()
+    if len(vals) < 2:
+        return rf"the sigma list has {len(vals)} value\(s\).*it needs at least two"
+    for i, x in enumerate(vals):
+        if not math.isfinite(x) or not 0.0 <= x <= 1.0 + 1e-4:
+            return rf"sigma #{i} = \S+ is outside \[0, 1\]"
+    i = next(i for i in range(len(vals) - 1) if not vals[i] > vals[i + 1])
+    return rf"sigmas must be strictly descending, but sigma #{i} = \S+ is followed by #{i + 1}"
+
+
 bad_input = st.one_of(
     st.tuples(st.just("channels"), st.sampled_from([1, 3, 4, 8, 12, 15, 17, 20, 32, 36, 48])),
     st.tuples(st.just("batch"), st.tuples(st.integers(1, 5), st.integers(2, 5)).filter(lambda bc: bc[0] % bc[1] != 0)),
@@ -292,7 +307,7 @@ def test_refused_before_any_model_work(dcm, comfy, faults, family, case, path):
     want = {
         "channels": r"latent_image has shape \[1, \d+, 2, 4, 4\].*expects \[batch, 16",
         "batch": r"batch \d+ but the latent has batch \d+",
-        "sigmas": r"sigma",
+        "sigmas": None,  # depends on the list: see _sigma_error
         "boundary": r"outside \(0, 1000\)",
         "nan_latent": r"latent_image contains \d+ NaN/Inf",
     }[kind]
@@ -302,6 +317,7 @@ def test_refused_before_any_model_work(dcm, comfy, faults, family, case, path):
         kw.update(batch=v[0], cond_batch=v[1])
     elif kind == "sigmas":
         kw["sigmas"] = v
+        want = _sigma_error(v)
     elif kind == "boundary":
         kw["boundary"] = v
     else:
@@ -319,6 +335,5 @@ def test_refused_before_any_model_work(dcm, comfy, faults, family, case, path):
             assert re.search(r"DCM(Sampling|Schedule)Error", err["exception_type"]), err
             text = err["exception_message"]
             assert text.startswith(("DCM Dual-Expert Sampler:", "DCM Dual-Expert Guider:")), text
-        assert re.search(want, text, re.S), text
+        assert re.search(want, text, re.S), (want, text)
         assert faults.count() == 0, f"{faults.count()} model call(s) before the input was refused"
-        assert math.isfinite(1.0)

@@ -32,7 +32,7 @@ def test_temporal_coherence_hand_values_and_skip():
     assert temporal_coherence(pred, target, 1).item() == pytest.approx(1.0)
     short = torch.randn(2, 16, 3, 4, 4)
     assert temporal_coherence(short, torch.zeros_like(short), 3).item() == 0.0  # T ≤ 3: skipped
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expects \[B, C, T, H, W\] latents, got shape \(1, 2, 3\)"):
         temporal_coherence(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3))
 
 
@@ -43,7 +43,7 @@ def test_hinge_losses_hand_values():
     r2 = torch.tensor([[-1.0]])  # relu(1-r) = 2
     assert hinge_g_loss([f1, f2]).item() == pytest.approx((1.75 + 0.0) / 2)
     assert hinge_d_loss([f1, f2], [r1, r2]).item() == pytest.approx(((0.75 + 0.5) + (4.0 + 2.0)) / 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"as many real as fake head outputs \(got 2 real, 1 fake\)"):
         hinge_d_loss([f1], [r1, r2])
 
 
