@@ -505,7 +505,9 @@ class Soak:
             if run.interrupt is None:
                 self.collateral.append(f"run #{run.idx} ({run.kind}) was interrupted without being aimed at")
             else:
-                run.interrupt.update(landed=True, node_type=data.get("node_type"), node_id=data.get("node_id"))
+                prog = [int(d.get("value", 0)) for t, d in client.events.get(run.prompt_id, []) if t == "progress"]
+                run.interrupt.update(landed=True, node_type=data.get("node_type"), node_id=data.get("node_id"),
+                                     last_step=prog[-1] if prog else None)  # fmt: skip
         run.previews = client.previews.get(run.prompt_id, 0)
         run.progress = sum(1 for t, _ in client.events.get(run.prompt_id, []) if t == "progress")
         import psutil
@@ -554,7 +556,7 @@ class Soak:
     async def interrupt_case(self, client: WSClient, i: int, aim: str):
         kind, prompt = self.pool_kinds[i], self.pool[i]
         plan = sampler_plan(prompt)
-        spec = {"aim": aim}
+        spec = {"aim": aim, "steps": plan["steps"], "switch": plan["switch"]}
         if aim == "loading":
             spec["node"] = plan["loader"]
         elif aim == "step":
@@ -842,8 +844,7 @@ class Soak:
                                  f"but only {n_expected} runs were expected to fail")  # fmt: skip
         landed_at = {}
         for r in landed:
-            k = f"{r.interrupt['aim']} → {r.interrupt.get('node_type')}"
-            landed_at[k] = landed_at.get(k, 0) + 1
+            landed_at[where_landed(r.interrupt)] = landed_at.get(where_landed(r.interrupt), 0) + 1
         finished = [r for r in self.runs if r.status in ("success", "error", "interrupted")]
         return {
             "config": asdict(cfg),
@@ -878,6 +879,17 @@ class Soak:
                 {k: v for k, v in asdict(r).items() if k not in ("expect_error",)} for r in self.runs
             ],
         }
+
+
+def where_landed(info: dict) -> str:
+    """Where an interrupt stopped the run: before sampling, between two steps of one expert, or at the
+    expert switch (the step callback raises right after reporting step k, so k = the semantic steps)."""
+    step = info.get("last_step")
+    if info.get("node_type") not in ("DCMDualExpertSampler", "SamplerCustomAdvanced") or not step:
+        return f"before sampling ({info.get('node_type')})"
+    if step == info.get("switch"):
+        return "at the expert switch"
+    return "between two sampler steps"
 
 
 def latent_sha(path: Path) -> str:
