@@ -163,20 +163,6 @@ def _export_bytes(student: nn.Module, dtype: torch.dtype, cfg: TrainConfig, nati
     return n * 2 if cfg.stage == STAGE_DETAIL and native else n
 
 
-def export_from_trainer(trainer: Any) -> dict[str, str]:
-    """Export at the end of training (main process).
-
-    Under FSDP the student's weights are sharded over the processes: the export then rebuilds the
-    student from the final checkpoint (gathered, written by process 0), exactly as
-    ``python -m dcm_core export RUN_DIR`` does — the same files as an unsharded run writes.
-    """
-    if getattr(trainer, "fsdp", None) is not None:
-        if trainer.last_checkpoint is None:
-            raise DCMCheckpointError("internal: no final checkpoint to export from under FSDP.")
-        return export_run(trainer.run_dir, checkpoint=str(trainer.last_checkpoint))
-    return export_model(trainer.cfg, trainer.student_unwrapped, trainer.run_dir / "export", step=trainer.global_step)
-
-
 def load_run_config(run_dir: str | Path) -> TrainConfig:
     p = Path(run_dir) / "config.json"
     if not p.is_file():

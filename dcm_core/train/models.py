@@ -398,15 +398,32 @@ def _dtype_of(name: str, mixed_precision: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def _storage_dtype(model: nn.Module, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` for a floating tensor, except in diffusers' ``_keep_in_fp32_modules`` (norms, time embedder)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    return dtype if t.is_floating_point() and not (keep & set(name.split("."))) else t.dtype
+
+
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast a frozen model's floating tensors to ``dtype``, keeping diffusers' ``_keep_in_fp32_modules`` in fp32."""
     if dtype == torch.float32:
         return model
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and not (keep & set(name.split("."))):
-            t.data = t.data.to(dtype)
+        t.data = t.data.to(_storage_dtype(model, name, t, dtype))
     return model
+
+
+def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of ``model`` stored in ``dtype`` (``_keep_in_fp32_modules`` stay fp32), made WITHOUT a full
+    fp32 copy first: every parameter / buffer is cast on its own and handed to ``copy.deepcopy`` through its memo
+    (the public deepcopy protocol). Equal, tensor for tensor, to ``cast_frozen(freeze(copy.deepcopy(model)), dtype)``;
+    peak memory = the model + the copy in ``dtype``."""
+    memo: dict[int, Any] = {}
+    for name, p in model.named_parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to(_storage_dtype(model, name, p, dtype), copy=True), requires_grad=False)
+    for name, b in model.named_buffers():
+        memo[id(b)] = b.detach().to(_storage_dtype(model, name, b, dtype), copy=True)
+    return freeze(copy.deepcopy(model, memo))
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -457,7 +474,7 @@ def build_models(cfg: TrainConfig) -> StageModels:
         raise DCMConfigError(f"model.family={m.family!r} but {m.pretrained!r} is a {family} transformer.")
     tdtype = _dtype_of(m.teacher_dtype, cfg.mixed_precision)
     if cfg.stage == STAGE_SEMANTIC:
-        teacher = None if m.semantic_lora else cast_frozen(freeze(copy.deepcopy(pretrained)), tdtype)
+        teacher = None if m.semantic_lora else frozen_copy(pretrained, tdtype)
         student = build_student(cfg, pretrained=pretrained)
         expert = STAGE_SEMANTIC
     else:

@@ -2,11 +2,13 @@
 
 Anatomy (the diffusers training-example layout):
 
-1. setup: accelerator, run folder, seeds, models (:mod:`.models`), data (:mod:`.data`),
-   discriminator (:mod:`.discriminator`), FSDP2 sharding of the student under ``accelerate launch
-   --use_fsdp`` (:mod:`.fsdp`; otherwise DDP through ``accelerator.prepare``), optimisers, LR
-   schedule, EMA, resume;
-2. the step (:meth:`DCMTrainer.train_step`):
+1. setup (``DCMTrainer.__init__``, numbered phases): 0. accelerator and the strategy that spreads the
+   run over processes (:mod:`.parallel`: one process / DDP, or FSDP2 under ``accelerate launch
+   --use_fsdp`` — the only place that knows the difference), 1. data and models (:mod:`.models`),
+   2. data order, 3. discriminator (:mod:`.discriminator`), 4. optimisers, LR schedule, EMA,
+   5. devices, 6. generators, 7. resume;
+2. the step (:meth:`DCMTrainer.train_step`: 1. draws, 2. consistency pair, 3. CD / TC loss,
+   4. adversarial G terms, 5. backward, 6. generator update, 7. discriminator update):
 
    * stage semantic — ``k ~ U{K0…49}``; student jump to ``σ_prev[K0]``; one teacher Euler step
      with CFG ``v_c + w(v_c − v_u)``; target = the online (or EMA) student jump from ``x'``
@@ -22,9 +24,6 @@ Anatomy (the diffusers training-example layout):
 Everything random comes from named generators whose states are checkpointed, so a resumed
 run reproduces an uninterrupted one exactly. All grid arithmetic is :mod:`.solver` over
 :mod:`dcm_core.flow` / :mod:`dcm_core.schedule`, the same code the sampler uses.
-
-Test hook: with ``DCM_TRAIN_DEBUG_HANG_AFTER_CHECKPOINT=<step>`` in the environment the run
-sleeps after publishing that checkpoint (so a test can SIGKILL it at a known point).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -54,11 +52,11 @@ from .data import Batch, DataStream, LatentDataset, apply_caption_dropout, colla
 from .discriminator import Discriminator, TeacherFeatures
 from .losses import feature_matching, hinge_d_loss, hinge_g_loss, pseudo_huber, temporal_coherence
 from .models import Conditioning, StageModels, adapters_disabled, build_models, call_velocity
+from .parallel import Replicated, make_strategy
 from .solver import PCMSolver, cfg_velocity
 
 log = logging.getLogger("DCM.train")
 
-DEBUG_HANG_ENV = "DCM_TRAIN_DEBUG_HANG_AFTER_CHECKPOINT"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -122,6 +120,19 @@ class EMA:
 
 
 @dataclass
+class _Draws:
+    """One micro-batch and everything drawn for it (phase 1 of :meth:`DCMTrainer.train_step`)."""
+
+    batch: Batch
+    x0: torch.Tensor
+    noise: torch.Tensor
+    draw: Any
+    cond: Conditioning
+    adv_all: torch.Tensor | None
+    adv_noise: torch.Tensor | None
+
+
+@dataclass
 class TrainResult:
     """What :meth:`DCMTrainer.train` returns (on every process; history only on the main one)."""
 
@@ -148,37 +159,30 @@ class DCMTrainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
-        self.accelerator = Accelerator(
+        # 0. processes: accelerate + how the run is spread over them (one process / DDP / FSDP2, see .parallel)
+        self.accelerator = acc = Accelerator(
             mixed_precision=cfg.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
-        acc = self.accelerator
-        if acc.distributed_type.name in ("DEEPSPEED", "MEGATRON_LM"):
-            raise DCMConfigError(
-                f"accelerate is configured for {acc.distributed_type.name}; the DCM trainer supports single-process, "
-                f"DDP (multi-GPU / multi-CPU) and FSDP runs. Re-run `accelerate config` choosing multi-GPU (optionally "
-                f"with FSDP); use model.semantic_lora=true, model.teacher_dtype=bf16 and model.gradient_checkpointing=true "
-                f"to save memory."
-            )
-        #: FSDP settings of this launch (None: no sharding); see dcm_core/train/fsdp.py
-        self.fsdp: fs.FSDPSettings | None = fs.fsdp_settings(acc)
-        if self.fsdp is not None and acc.num_processes == 1:
-            log.warning("FSDP was requested with a single process: nothing to shard, the run is not sharded.")
-            self.fsdp = None
+        self.strategy: Replicated = make_strategy(acc)
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.is_main = acc.is_main_process
         if not self.is_main:
             log.setLevel(logging.ERROR)  # one voice: the main process logs
+        self.last_checkpoint: Path | None = None
+        self.global_step = 0
+        self.history: list[dict[str, float]] = []
+        self._tb = None
 
-        # 1. data first (cheap, fails fast), then the models with identical seeds everywhere
-        #    (LoRA / discriminator initialisation must agree across processes)
+        # 1. data first (cheap, fails fast), then the models with identical seeds everywhere (LoRA / discriminator
+        #    initialisation must agree across processes); family-dependent defaults resolve once the model is known
         if not cfg.data.path:
             raise DCMConfigError("data.path is empty. Point it at a dataset folder written by `python -m dcm_core preprocess`.")
         self.dataset = LatentDataset(cfg.data.path, cfg.data.num_latent_t)
         self._seed_everything(cfg.seed)
         self.models: StageModels = build_models(cfg)
-        if self.fsdp is not None and self.fsdp.activation_checkpointing and not cfg.model.gradient_checkpointing:
+        if self.strategy.activation_checkpointing and not cfg.model.gradient_checkpointing:
             log.info("FSDP activation checkpointing: per-block gradient checkpointing of the student and teacher is on.")
             self.models.enable_gradient_checkpointing()
         self.family = self.models.family
@@ -187,7 +191,46 @@ class DCMTrainer:
         self.solver = PCMSolver(cfg.stage, cfg.schedule.k0, cfg.schedule.shift, cfg.schedule.grid_steps)
         self.use_adv = cfg.stage == STAGE_DETAIL and cfg.loss.adv_weight > 0
 
-        # 2. data order
+        # 2. data order and the empty-caption embedding (CFG, caption dropout)
+        self._build_data()
+        # 3. the discriminator on the frozen teacher (detail stage)
+        self.features: TeacherFeatures | None = None
+        self.disc: nn.Module | None = None
+        if self.use_adv:
+            self.features = TeacherFeatures(self.models.teacher, self.family, cfg.disc.stride)
+            self.disc = Discriminator(self.features.num_features, self.features.feature_dim, cfg.disc.inner_channels)
+        # 4. optimisers, LR schedule, EMA (on the sharded parameters when sharded: shard first)
+        self._build_optimisers()
+        # 5. devices / processes
+        self._place()
+        # 6. randomness: per-sample generators and the process-shared one (adversarial index)
+        self._build_generators()
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
+        # 7. resume
+        if resume:
+            self._resume(resume)
+        n_train = sum(p.numel() for _, p in self.trainable)
+        log.info(
+            "DCM %s stage, %s: %s trainable parameters (%d tensors), %d samples, %d process(es)%s, k in %s, σ_b=%.6f%s",
+            cfg.stage,
+            self.family,
+            f"{n_train:,}",
+            len(self.trainable),
+            len(self.dataset),
+            acc.num_processes,
+            self.strategy.label,
+            self.solver.index_range,
+            self.solver.sigma_boundary,
+            f", {self.features.num_features} discriminator heads" if self.features else "",
+        )
+
+    # ------------------------------------------------------------------ set-up phases
+
+    def _build_data(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
         self.data = DataStream(
             self.dataset,
             batch_size=cfg.data.batch_size,
@@ -207,93 +250,51 @@ class DCMTrainer:
             )
             self.uncond = (torch.zeros_like(sample.prompt_embed), torch.zeros_like(sample.prompt_mask))
 
-        # 3. discriminator on the frozen teacher
-        self.features: TeacherFeatures | None = None
-        self.disc: nn.Module | None = None
-        if self.use_adv:
-            self.features = TeacherFeatures(self.models.teacher, self.family, cfg.disc.stride)
-            self.disc = Discriminator(self.features.num_features, self.features.feature_dim, cfg.disc.inner_channels)
-
-        # 4. optimisers, schedule, EMA (under FSDP on the sharded parameters: shard first)
-        if self.fsdp is not None:
-            fs.shard_model(
-                self.models.student, self.family, acc.device, acc.num_processes, self.fsdp.reshard_after_forward
-            )
+    def _build_optimisers(self) -> None:
+        cfg = self.cfg
+        self.strategy.shard(self.models.student, self.family)
         self.trainable = self.models.trainable()
         if not self.trainable:
             raise DCMConfigError("no trainable parameters: check model.semantic_lora / the detail expert setup.")
-        params = [p for _, p in self.trainable]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+        self.optimizer = torch.optim.AdamW(
+            [p for _, p in self.trainable], lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps
+        )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda_for(o.lr_scheduler, o.lr_warmup_steps, cfg.max_train_steps)
         )
-        self.ema = EMA(self.trainable, o.ema_decay, inplace=self.fsdp is not None) if o.use_ema else None
+        self.ema = EMA(self.trainable, o.ema_decay, inplace=self.strategy.ema_inplace) if o.use_ema else None
         self.d_optimizer = None
         if self.disc is not None:
             self.d_optimizer = torch.optim.AdamW(
                 self.disc.parameters(), lr=cfg.disc.lr, betas=tuple(cfg.disc.betas), weight_decay=cfg.disc.weight_decay
             )
 
-        # 5. devices / processes
+    def _place(self) -> None:
+        device = self.accelerator.device
         self.student_unwrapped = self.models.student
-        self.last_checkpoint: Path | None = None
-        if self.fsdp is not None:
-            # the student is already sharded (fully_shard works in place); the discriminator is replicated (DDP,
-            # the official NO_SHARD), the teacher replicated and frozen (moved below)
-            self.student = self.models.student
-            self.disc_unwrapped = self.disc
-            if self.disc is not None:
-                from torch.nn.parallel import DistributedDataParallel
-
-                self.disc.to(acc.device)
-                ids = [acc.device.index] if acc.device.type == "cuda" and acc.device.index is not None else None
-                self.disc = DistributedDataParallel(self.disc, device_ids=ids)
-        elif self.disc is not None:
-            self.student, self.optimizer, self.disc, self.d_optimizer = acc.prepare(
-                self.models.student, self.optimizer, self.disc, self.d_optimizer
-            )
-            self.disc_unwrapped = acc.unwrap_model(self.disc)
-        else:
-            self.student, self.optimizer = acc.prepare(self.models.student, self.optimizer)
-            self.disc_unwrapped = None
+        p = self.strategy.prepare(self.models.student, self.optimizer, self.disc, self.d_optimizer)
+        self.student, self.optimizer, self.disc, self.disc_unwrapped, self.d_optimizer = (
+            p.student, p.optimizer, p.disc, p.disc_unwrapped, p.d_optimizer
+        )
         if self.models.teacher is not None:
-            self.models.teacher.to(acc.device)
+            self.models.teacher.to(device)
         if self.ema is not None:
-            self.ema.shadow = {n: t.to(acc.device) for n, t in self.ema.shadow.items()}
+            self.ema.shadow = {n: t.to(device) for n, t in self.ema.shadow.items()}
 
-        # 6. per-sample randomness (noise, indices, dropout) and the process-shared one (adv index).
-        #    Sample i of process r's batch is slot j = i·P + r of the global batch (the DistributedSampler
-        #    interleave) and draws from its own generator, seeded with j: a run with P processes × batch b
-        #    draws exactly what one process with batch P·b draws (for b = 1 this is the former per-process seed).
+    def _build_generators(self) -> None:
+        """Per-sample randomness (noise, indices, dropout) and the process-shared one (adversarial index).
+
+        Sample i of process r's batch is slot j = i·P + r of the global batch (the DistributedSampler interleave)
+        and draws from its own generator, seeded with j: a run with P processes × batch b draws exactly what one
+        process with batch P·b draws (for b = 1 this is the former per-process seed).
+        """
+        cfg, acc = self.cfg, self.accelerator
         n_proc, rank = acc.num_processes, acc.process_index
         self.slots = [i * n_proc + rank for i in range(cfg.data.batch_size)]
         self.gens = [torch.Generator().manual_seed(cfg.seed * 1000 + 17 + j) for j in self.slots]
         self.shared_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
         self._seed_everything(cfg.seed + acc.process_index)
-        self.global_step = 0
-        self.history: list[dict[str, float]] = []
-        self._tb = None
-
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=1))
-        if resume:
-            self._resume(resume)
-        n_train = sum(p.numel() for p in params)
-        log.info(
-            "DCM %s stage, %s: %s trainable parameters (%d tensors), %d samples, %d process(es)%s, k in %s, σ_b=%.6f%s",
-            cfg.stage,
-            self.family,
-            f"{n_train:,}",
-            len(params),
-            len(self.dataset),
-            acc.num_processes,
-            " (FSDP2)" if self.fsdp is not None else "",
-            self.solver.index_range,
-            self.solver.sigma_boundary,
-            f", {self.features.num_features} discriminator heads" if self.features else "",
-        )
 
     # ------------------------------------------------------------------ seeds / resume
 
@@ -334,44 +335,14 @@ class DCMTrainer:
         diffs = [d for d in diffs if not d.startswith(("max_train_steps", "checkpoint.", "logging.", "validation.", "export."))]
         if diffs:
             log.warning("resuming with a changed config (%s); the continuation will not match an uninterrupted run.", "; ".join(diffs[:6]))
-        # weights (under FSDP every process reads only its own rows of each tensor)
-        sharded = self.fsdp is not None
-        if sharded:
-            reader = fs.ShardedReader(path / "trainable.safetensors")
-            saved_names = set(reader.keys())
-        else:
-            tensors = ck.load_tensors(path / "trainable.safetensors")
-            saved_names = set(tensors)
-        names = {n for n, _ in self.trainable}
-        if saved_names != names:
-            raise DCMCheckpointError(
-                f"checkpoint {path} holds {len(saved_names)} trainable tensors, the model has {len(names)} "
-                f"(e.g. missing {sorted(names - saved_names)[:3]}); the config changed the trainable set."
-            )
-        with torch.no_grad():
-            for n, p in self.trainable:
-                p.copy_(reader.get(n, p) if sharded else tensors[n].to(p.device, p.dtype))
-        if self.ema is not None:
-            if sharded:
-                er = fs.ShardedReader(path / "ema.safetensors")
-                self.ema.shadow = {n: er.get(n, self.ema.params[n]) for n in self.ema.shadow}
-            else:
-                shadow = ck.load_tensors(path / "ema.safetensors")
-                self.ema.shadow = {n: shadow[n].to(self.accelerator.device) for n in self.ema.shadow}
+        # trainable weights, EMA, optimizer (the strategy knows how they are laid out), then the discriminator
+        self.strategy.load_state(path, self.trainable, self.ema, self.optimizer)
         if self.disc_unwrapped is not None:
             self.disc_unwrapped.load_state_dict(ck.load_tensors(path / "discriminator.safetensors"))
             d_sd = ck.optimizer_from_flat(
                 ck.load_tensors(path / "disc_optimizer.safetensors"), ck.load_json(path / "disc_optimizer.json")
             )
             self.d_optimizer.load_state_dict(d_sd)
-        if sharded:
-            fs.load_optimizer_state(
-                self.optimizer, [p for _, p in self.trainable], fs.ShardedReader(path / "optimizer.safetensors"),
-                ck.load_json(path / "optimizer.json"),
-            )
-        else:
-            opt_sd = ck.optimizer_from_flat(ck.load_tensors(path / "optimizer.safetensors"), ck.load_json(path / "optimizer.json"))
-            self.optimizer.load_state_dict(opt_sd)
         self.lr_scheduler.load_state_dict(ck.load_json(path / "scheduler.json"))
         self.global_step = int(state["global_step"])
         n_saved = int(state.get("num_processes", 1))
@@ -468,9 +439,13 @@ class DCMTrainer:
         return total / num_draws
 
     def train_step(self) -> dict[str, float]:
-        """One optimiser step (``gradient_accumulation_steps`` micro-batches) of the generator, then of D."""
-        cfg, acc, solver = self.cfg, self.accelerator, self.solver
-        accum = cfg.gradient_accumulation_steps
+        """One optimiser step of the generator (``gradient_accumulation_steps`` micro-batches), then of D.
+
+        Per micro-batch (dcm-method.md §5.2, §6.2): 1. the draws, 2. the consistency pair ŷ / y, 3. the
+        consistency loss (+ TC in stage semantic), 4. the adversarial G terms (stage detail), 5. backward;
+        then 6. the generator update and 7. one discriminator update on this step's (detached) features.
+        """
+        accum = self.cfg.gradient_accumulation_steps
         logs: dict[str, float] = {}
         stash: list[tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int, int]]] = []
         self.optimizer.zero_grad(set_to_none=True)
@@ -479,91 +454,93 @@ class DCMTrainer:
             v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
             logs[key] = logs.get(key, 0.0) + v / accum
 
-        gens = self.gens
-        lo, hi = solver.index_range
         for micro in range(accum):
-            batch = self.data.next()
-            if batch.latents.shape[0] != len(gens):
-                raise RuntimeError(f"internal: a batch of {batch.latents.shape[0]} samples for {len(gens)} sample generators")
-            # each sample draws from its own generator, in the order dropout, noise, k, adversarial noise
-            u = torch.cat([torch.rand(1, generator=g) for g in gens])
-            batch, _ = apply_caption_dropout(batch, self.uncond, cfg.data.caption_dropout, None, u=u)
-            shape = batch.latents.shape[1:]
-            noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-            draw = solver.index_draw(torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]))
-            if self.use_adv:
-                adv_all = solver.draw_adv_index(acc.num_processes * len(gens), self.shared_gen)  # the global batch
-                adv_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-            batch = batch.to(acc.device)
-            x0 = to_model_space(batch.latents.float(), self.family)
-            noise = noise.to(acc.device)
-            cond = self._cond(batch)
-            sync = contextlib.nullcontext() if micro == accum - 1 else self._no_sync(self.student)
+            draws = self._draw()  # 1
+            sync = contextlib.nullcontext() if micro == accum - 1 else self.strategy.no_sync(self.student)
             with sync:
-                pred, target = self._consistency_pair(self.student, batch, x0, noise, draw, cond)
-                # 4. losses
-                l_cd = pseudo_huber(pred, target, cfg.loss.huber_c)
-                loss = l_cd
-                add("loss_cd", l_cd)
-                if cfg.stage == STAGE_SEMANTIC and cfg.loss.tc_weight > 0:
-                    l_tc = temporal_coherence(pred, target, cfg.loss.tc_stride)
-                    loss = loss + cfg.loss.tc_weight * l_tc
-                    add("loss_tc", l_tc)
-                if self.use_adv:
-                    adv_index = self._share(adv_all)[torch.tensor(self.slots)]
-                    sigma_a = solver.adv_sigma(adv_index)
-                    fake, real = solver.adversarial_pair(pred, target, adv_noise.to(acc.device), sigma_a)
-                    l_g, l_fm, raw_f, raw_r, grid = self._generator_adversarial(fake, real, sigma_a, cond)
-                    adv = cfg.loss.gan_g_weight * l_g + cfg.loss.fm_weight * l_fm
-                    loss = loss + cfg.loss.adv_weight * adv
-                    add("loss_g", l_g)
-                    add("loss_fm", l_fm)
-                    add("sigma_adv", sigma_a.mean())
-                    stash.append((raw_f, raw_r, grid))
+                loss = self._generator_loss(draws, add, stash)  # 2-4
                 add("loss", loss)
-                add("sigma", draw.sigma.mean())
-                acc.backward(loss / accum)
+                add("sigma", draws.draw.sigma.mean())
+                self.accelerator.backward(loss / accum)  # 5
+        logs.update(self._update_generator())  # 6
+        if stash:
+            self._update_discriminator(stash, add, logs)  # 7
+        return logs
 
-        # 5. generator update
-        grad_norm = acc.clip_grad_norm_([p for _, p in self.trainable], cfg.optim.max_grad_norm)
+    def _draw(self) -> "_Draws":
+        """1. The next batch and its randomness: every sample draws from its own generator, in the order caption
+        dropout, noise, k, adversarial noise; the adversarial indices of the whole global batch come from the
+        process-shared generator."""
+        cfg, acc, solver, gens = self.cfg, self.accelerator, self.solver, self.gens
+        lo, hi = solver.index_range
+        batch = self.data.next()
+        if batch.latents.shape[0] != len(gens):
+            raise RuntimeError(f"internal: a batch of {batch.latents.shape[0]} samples for {len(gens)} sample generators")
+        u = torch.cat([torch.rand(1, generator=g) for g in gens])
+        batch, _ = apply_caption_dropout(batch, self.uncond, cfg.data.caption_dropout, None, u=u)
+        shape = batch.latents.shape[1:]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        draw = solver.index_draw(torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]))
+        adv_all = adv_noise = None
+        if self.use_adv:
+            adv_all = solver.draw_adv_index(acc.num_processes * len(gens), self.shared_gen)  # the global batch
+            adv_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+        batch = batch.to(acc.device)
+        x0 = to_model_space(batch.latents.float(), self.family)
+        return _Draws(batch, x0, noise.to(acc.device), draw, self._cond(batch), adv_all, adv_noise)
+
+    def _generator_loss(self, d: "_Draws", add: Any, stash: list) -> torch.Tensor:
+        """2.–4. The consistency pair, the CD (+ TC) loss and, in stage detail, the adversarial G terms."""
+        cfg, solver = self.cfg, self.solver
+        pred, target = self._consistency_pair(self.student, d.batch, d.x0, d.noise, d.draw, d.cond)
+        l_cd = pseudo_huber(pred, target, cfg.loss.huber_c)
+        loss = l_cd
+        add("loss_cd", l_cd)
+        if cfg.stage == STAGE_SEMANTIC and cfg.loss.tc_weight > 0:
+            l_tc = temporal_coherence(pred, target, cfg.loss.tc_stride)
+            loss = loss + cfg.loss.tc_weight * l_tc
+            add("loss_tc", l_tc)
+        if self.use_adv:
+            adv_index = self._share(d.adv_all)[torch.tensor(self.slots)]
+            sigma_a = solver.adv_sigma(adv_index)
+            fake, real = solver.adversarial_pair(pred, target, d.adv_noise.to(self.accelerator.device), sigma_a)
+            l_g, l_fm, raw_f, raw_r, grid = self._generator_adversarial(fake, real, sigma_a, d.cond)
+            adv = cfg.loss.gan_g_weight * l_g + cfg.loss.fm_weight * l_fm
+            loss = loss + cfg.loss.adv_weight * adv
+            add("loss_g", l_g)
+            add("loss_fm", l_fm)
+            add("sigma_adv", sigma_a.mean())
+            stash.append((raw_f, raw_r, grid))
+        return loss
+
+    def _update_generator(self) -> dict[str, float]:
+        """6. Clip, AdamW step, LR schedule, EMA."""
+        grad_norm = self.accelerator.clip_grad_norm_([p for _, p in self.trainable], self.cfg.optim.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update()
-        logs["grad_norm"] = fs.to_float(grad_norm)
-        logs["lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        return {"grad_norm": fs.to_float(grad_norm), "lr": float(self.lr_scheduler.get_last_lr()[0])}
 
-        # 6. discriminator update on the (detached) features of this step
-        if stash:
-            self.disc_unwrapped.requires_grad_(True)
-            self.d_optimizer.zero_grad(set_to_none=True)
-            for i, (raw_f, raw_r, grid) in enumerate(stash):
-                sync = contextlib.nullcontext() if i == len(stash) - 1 else self._no_sync(self.disc)
-                with sync:
-                    with acc.autocast():
-                        logits_f = self.disc(raw_f, grid)
-                        logits_r = self.disc(raw_r, grid)
-                    l_d = hinge_d_loss(logits_f, logits_r)
-                    acc.backward(l_d / len(stash))
-                add("loss_d", l_d)
-            d_norm = acc.clip_grad_norm_(self.disc.parameters(), cfg.optim.max_grad_norm)
-            self.d_optimizer.step()
-            self.d_optimizer.zero_grad(set_to_none=True)
-            logs["d_grad_norm"] = fs.to_float(d_norm)
-        return logs
-
-    def _no_sync(self, module: nn.Module) -> Any:
-        """Skip the gradient reduction of this micro-batch (DDP ``no_sync`` / FSDP2 gradient-sync switch)."""
-        if self.fsdp is not None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            if fs.is_fsdp_module(module):
-                return fs.no_grad_sync(module)
-            if isinstance(module, DistributedDataParallel):
-                return module.no_sync()
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(module)
+    def _update_discriminator(self, stash: list, add: Any, logs: dict[str, float]) -> None:
+        """7. One hinge step of D on the features of this step's micro-batches."""
+        acc = self.accelerator
+        self.disc_unwrapped.requires_grad_(True)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        for i, (raw_f, raw_r, grid) in enumerate(stash):
+            sync = contextlib.nullcontext() if i == len(stash) - 1 else self.strategy.no_sync(self.disc)
+            with sync:
+                with acc.autocast():
+                    logits_f = self.disc(raw_f, grid)
+                    logits_r = self.disc(raw_r, grid)
+                l_d = hinge_d_loss(logits_f, logits_r)
+                acc.backward(l_d / len(stash))
+            add("loss_d", l_d)
+        d_norm = acc.clip_grad_norm_(self.disc.parameters(), self.cfg.optim.max_grad_norm)
+        self.d_optimizer.step()
+        self.d_optimizer.zero_grad(set_to_none=True)
+        logs["d_grad_norm"] = fs.to_float(d_norm)
 
     def _share(self, t: torch.Tensor) -> torch.Tensor:
         """Make every process use process 0's values (the official code does not, §6.5)."""
@@ -613,42 +590,8 @@ class DCMTrainer:
         writer.tensors(f"rng-rank{rank}.safetensors", rng_t)
         writer.json(f"rng-rank{rank}.json", rng_m)
         data_states = self._gather_data_states()
-        if self.fsdp is not None:
-            # sharded tensors are gathered one at a time by every process (a collective), kept on process 0 only:
-            # the files are the same as an unsharded run's
-            main = self.is_main
-
-            def gathered(named: Any) -> dict[str, torch.Tensor]:
-                out = {}
-                for n, t in named:
-                    full = fs.full_tensor(t.detach())
-                    if main:
-                        out[n] = full.float().cpu()
-                return out
-
-            trainable = gathered(self.trainable)
-            if main:
-                writer.tensors("trainable.safetensors", trainable)
-            del trainable
-            if self.ema is not None:
-                shadow = gathered(self.ema.shadow.items())
-                if main:
-                    writer.tensors("ema.safetensors", shadow)
-                del shadow
-            opt_sd = fs.full_optimizer_state(self.optimizer, [p for _, p in self.trainable], main)
-            if main:
-                t, m = ck.optimizer_to_flat(opt_sd)
-                writer.tensors("optimizer.safetensors", t)
-                writer.json("optimizer.json", m)
-            del opt_sd
+        self.strategy.save_state(writer, self.trainable, self.ema, self.optimizer)
         if self.is_main:
-            if self.fsdp is None:
-                writer.tensors("trainable.safetensors", {n: p.detach().float() for n, p in self.trainable})
-                if self.ema is not None:
-                    writer.tensors("ema.safetensors", self.ema.shadow)
-                t, m = ck.optimizer_to_flat(self.optimizer.state_dict())
-                writer.tensors("optimizer.safetensors", t)
-                writer.json("optimizer.json", m)
             if self.disc_unwrapped is not None:
                 writer.tensors("discriminator.safetensors", self.disc_unwrapped.state_dict())
                 t, m = ck.optimizer_to_flat(self.d_optimizer.state_dict())
@@ -660,7 +603,7 @@ class DCMTrainer:
                 {
                     "global_step": self.global_step,
                     "num_processes": acc.num_processes,
-                    "sharding": "fsdp2" if self.fsdp is not None else "none",
+                    "sharding": self.strategy.name,
                     "data": data_states,
                     "stage": self.stage,
                     "family": self.family,
@@ -675,11 +618,6 @@ class DCMTrainer:
             removed = ck.rotate(self.ckpt_root, self.cfg.checkpoint.keep)
             log.info("saved %s%s", path, f" (removed {len(removed)} old)" if removed else "")
         acc.wait_for_everyone()
-        hang = os.environ.get(DEBUG_HANG_ENV)
-        if hang and int(hang) == self.global_step:
-            log.warning("%s=%s: sleeping after the checkpoint (test hook)", DEBUG_HANG_ENV, hang)
-            while True:
-                time.sleep(3600)
         return path
 
     def _gather_data_states(self) -> list[dict[str, int]]:
@@ -731,7 +669,7 @@ class DCMTrainer:
     def validate(self) -> Path | None:
         """Sample validation latents with :func:`dcm_core.sampler.sample_dcm` (main process; under FSDP every
         process runs the same forwards, the sharded student needs them all)."""
-        if not self.is_main and self.fsdp is None:
+        if not self.is_main and not self.strategy.validate_on_all_processes:
             return None
         from ..sampler import sample_dcm
 
@@ -830,9 +768,7 @@ class DCMTrainer:
         if cfg.export.at_end:
             acc.wait_for_everyone()
             if self.is_main:
-                from .export import export_from_trainer
-
-                exported = export_from_trainer(self)
+                exported = self.strategy.export(self)
             acc.wait_for_everyone()
         if self._tb is not None:
             self._tb.close()

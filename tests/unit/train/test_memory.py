@@ -90,3 +90,22 @@ def test_teacher_is_checkpointed_in_the_detail_g_step(tmp_path, th):
     assert off.block_inputs < 0.1 * off.teacher_blocks
     # the hooks still fired (G / FM losses exist) and checkpointing changed no number of the step
     assert logs_on == logs_off and logs_on["loss_g"] != 0 and logs_on["loss_fm"] > 0
+
+
+def test_frozen_copy_equals_deepcopy_then_cast():
+    """The semantic stage's teacher is cast tensor by tensor while copying: no full fp32 copy, the same tensors."""
+    import copy
+
+    from dcm_core.train.models import cast_frozen, freeze, frozen_copy, load_transformer
+
+    model = load_transformer("tiny:wan", tiny_config={"dim": 128, "num_layers": 2, "ffn_dim": 256})
+    for dtype in (torch.bfloat16, torch.float32):
+        ref = cast_frozen(freeze(copy.deepcopy(model)), dtype)
+        got = frozen_copy(model, dtype)
+        a, b = ref.state_dict(), got.state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+            assert b[k].data_ptr() != model.state_dict()[k].data_ptr(), f"{k} shares storage with the student"
+        assert not any(p.requires_grad for p in got.parameters()) and not got.training
+    assert got.proj_out.weight.dtype == torch.float32 and frozen_copy(model, torch.bfloat16).proj_out.weight.dtype == torch.bfloat16
