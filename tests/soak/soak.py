@@ -164,9 +164,9 @@ def make_variant(kind: str, rng: random.Random, pace_ms: int, *, default: bool =
         if not default:
             p["5"]["inputs"]["seed"] = rng.randrange(2**32)
             p["5"]["inputs"]["cfg_semantic"], p["5"]["inputs"]["cfg_detail"] = cfg(), cfg()
-            p["2"]["inputs"]["prompt"] = rng.choice(
-                ["red circle moving right", "blue square moving left", "green circle moving down", "red square"]
-            )
+            from dcm_core.toy.world import all_prompts
+
+            p["2"]["inputs"]["prompt"] = rng.choice(all_prompts())
         p["5"]["inputs"]["semantic_model"] = _pace(p, ["1", 0], "950", pace_ms)
         p["5"]["inputs"]["detail_model"] = _pace(p, ["1", 1], "951", pace_ms)
         p[SAVE] = {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "x"}}
@@ -710,7 +710,8 @@ class Soak:
                 self.check_time()
                 run = await self.wait(await self.queue(client, "ref", self.prompts[k]), timeout=180)
                 self.runs.pop()  # reference runs are not soak runs
-                self.rss.pop()
+                if run.status != "refused":
+                    self.rss.pop()
                 if run.status != "success":
                     raise Failure(f"reference run of {k} failed: {run.status} {run.error}\n{self.ref_server.log_tail()}")
                 cache[k] = {"latent_sha": run.latent_sha, "digests": run.digests}
