@@ -167,7 +167,7 @@ class _ServerStart:
         if self.error is not None:
             if self.name == "current":  # the pinned frontend's server tells whether the pack is at fault
                 _skip_current(f"{_backend_name()} did not start with --front-end-root for comfyui-frontend-package "
-                              f"{self.version}: {str(self.error).strip().splitlines()[0]}")  # fmt: skip
+                              f"{self.version}: {_first_line(self.error) or type(self.error).__name__}")  # fmt: skip
             raise self.error
         return self.server
 
