@@ -30,7 +30,9 @@ POSITIVE = "The prompt conditioning. For HunyuanVideo the embedded guidance come
 NEGATIVE = "The negative prompt conditioning. Only used by an expert whose cfg is above 1.0 (DCM was distilled for cfg 1.0)."
 BOUNDARY = (
     "Routing threshold on the timestep t = 1000·sigma: a step with floor(t) ≤ boundary runs on the detail expert, "
-    "every other step on the semantic expert. 978 for Wan2.1, 981 for HunyuanVideo (the official values)."
+    "every other step on the semantic expert. 978 for Wan2.1, 981 for HunyuanVideo (the official values). "
+    "Two-model bases (Wan2.2 A14B: high-noise model as semantic_model, low-noise model as detail_model): 875 for "
+    "T2V, 900 for I2V, Wan2.2's own switch points."
 )
 CFG_SEMANTIC = "Classifier-free guidance for the semantic expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
 CFG_DETAIL = "Classifier-free guidance for the detail expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
