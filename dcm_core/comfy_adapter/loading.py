@@ -169,7 +169,10 @@ def family_of(model: Any) -> str | None:
 
 
 def family_label(family: str | None) -> str:
-    return {FAMILY_WAN: "Wan2.x", FAMILY_HUNYUAN: "HunyuanVideo"}.get(family or "", "an unsupported architecture")
+    """A model's family as users know it; models of other architectures read "an unsupported architecture"."""
+    from ..formats.keymaps import family_label as label
+
+    return label(family, unknown="an unsupported architecture")
 
 
 def model_shapes(model: Any) -> dict[str, tuple[int, ...]]:

@@ -619,5 +619,6 @@ def size_label(family: str, dims: Mapping) -> str:
     return f"{base} ({detail})" if base else f"HunyuanVideo-style model ({detail})"
 
 
-def family_label(family: str | None) -> str:
-    return {FAMILY_WAN: "Wan2.x", FAMILY_HUNYUAN: "HunyuanVideo"}.get(family or "", "unknown family")
+def family_label(family: str | None, unknown: str = "unknown family") -> str:
+    """The name users know a family by (``unknown`` for anything else)."""
+    return {FAMILY_WAN: "Wan2.x", FAMILY_HUNYUAN: "HunyuanVideo"}.get(family or "", unknown)
