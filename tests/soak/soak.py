@@ -178,11 +178,16 @@ KINDS = ("wan_sampler", "hy_sampler", "wan_guider_stock", "toy")
 
 
 def reference_prompt(pace_ms: int, ckpt: str = "dcm_tiny_wan.safetensors") -> dict:
-    """R: the Wan DCM sampler twin as shipped, plus the weight digest of both experts (loader outputs)."""
+    """R: the Wan DCM sampler twin as shipped, plus the weight digests of both experts (loader outputs) and
+    of the converted semantic-expert file loaded by stock UNETLoader (the shared weights must equal it)."""
     p = make_variant("wan_sampler", random.Random(0), pace_ms, default=True)
     p["3"]["inputs"]["ckpt_name"] = ckpt
     p["960"] = {"class_type": "DCMSoakDigest", "inputs": {"model": ["3", 0], "label": "semantic"}}
     p["961"] = {"class_type": "DCMSoakDigest", "inputs": {"model": ["3", 1], "label": "detail"}}
+    if ckpt == "dcm_tiny_wan.safetensors":  # the converted semantic expert of the same checkpoint, stock loader
+        p["962"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "dcm_tiny_wan_semantic.safetensors",
+                                                           "weight_dtype": "default"}}  # fmt: skip
+        p["963"] = {"class_type": "DCMSoakDigest", "inputs": {"model": ["962", 0], "label": "semantic file"}}
     p[SAVE]["inputs"]["filename_prefix"] = "soak/R" if ckpt.startswith("dcm_tiny") else "soak/S"
     return p
 
@@ -806,6 +811,12 @@ class Soak:
                 )
             else:
                 identical += 1
+        # the shared base weights are the semantic expert's (checked on the fresh server's R)
+        ref_r = self.refs.get(prompt_key(self.R)) or {}
+        d = ref_r.get("digests", {})
+        if d.get("semantic") != d.get("semantic file") or not d.get("semantic"):
+            self.failures["interrupts"].append(
+                f"the DCM loader's semantic model does not hold the semantic expert's weights (digests {d})")
         # swaps must change the result (else the stale-file check could not fail)
         ra, rb = self.refs.get(prompt_key(self.S_a)), self.refs.get(prompt_key(self.S_b))
         if ra and rb and ra["latent_sha"] == rb["latent_sha"]:
@@ -886,8 +897,10 @@ def where_landed(info: dict) -> str:
     """Where an interrupt stopped the run: before sampling, between two steps of one expert, or at the
     expert switch (the step callback raises right after reporting step k, so k = the semantic steps)."""
     step = info.get("last_step")
-    if info.get("node_type") not in ("DCMDualExpertSampler", "SamplerCustomAdvanced") or not step:
+    if info.get("node_type") not in ("DCMDualExpertSampler", "SamplerCustomAdvanced"):
         return f"before sampling ({info.get('node_type')})"
+    if not step:
+        return "in the sampler, before its first step"
     if step == info.get("switch"):
         return "at the expert switch"
     return "between two sampler steps"
