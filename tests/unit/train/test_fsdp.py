@@ -23,7 +23,8 @@ accelerators), and the trainer shards anyway from the launcher's ``ACCELERATE_US
 * **exact resume** — process 0 is SIGKILLed in the middle of writing checkpoint 4 (after its 3rd
   file): the published checkpoint 2 still verifies, ``--resume latest`` under FSDP continues from it,
   and step 4 is bit-identical (torch.equal) to an uninterrupted FSDP run: weights, EMA, both
-  optimizers, discriminator and the RNG files of both processes; the export too.
+  optimizers, discriminator and the RNG files of both processes, the scheduler / optimizer / trainer-state
+  JSON (the detail runs use a warm-up + cosine LR schedule); the export too.
 """
 
 from __future__ import annotations
@@ -111,8 +112,10 @@ def _overrides(data: Path, out: Path, **extra: object) -> list[str]:
 
 
 SEMANTIC = dict(checkpoint__every_steps=0, validation__every_steps=2)
+# warm-up + cosine LR (multipliers 0, 1, 0.75, 0.25): the resumed run must restore the scheduler, or step 4 runs at 1
 DETAIL = dict(max_train_steps=DETAIL_STEPS, checkpoint__every_steps=2, checkpoint__keep=0, optim__use_ema="true",
-              data__caption_dropout=0.5, validation__every_steps=DETAIL_STEPS)
+              data__caption_dropout=0.5, validation__every_steps=DETAIL_STEPS, optim__lr_scheduler="cosine",
+              optim__lr_warmup_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +263,15 @@ def test_detail_kill_mid_checkpoint_write_and_exact_resume(runs):
         assert ref[f].keys() == got[f].keys(), f
         for k in ref[f]:
             assert torch.equal(ref[f][k], got[f][k]), f"{f}:{k} differs after resume"
+    # the JSON state too: LR scheduler, optimizer hyper-parameters (lr per group), trainer state (data positions)
+    jsons = sorted(p.name for p in (ckroot / name).glob("*.json") if p.name != ck.MANIFEST)
+    assert {"scheduler.json", "optimizer.json", "disc_optimizer.json", "trainer_state.json"} <= set(jsons), jsons
+    for f in jsons:
+        a, b = (json.loads((d / name / f).read_text()) for d in (root / "det_fsdp" / "checkpoints", ckroot))
+        if f == "trainer_state.json":
+            a["config"].pop("output_dir"), b["config"].pop("output_dir")  # the two run folders differ by design
+        assert a == b, f"{f} differs after resume"
+    assert json.loads((ckroot / name / "scheduler.json").read_text())["last_epoch"] == DETAIL_STEPS
     for f in ("transformer/diffusion_pytorch_model.safetensors", "dcm_detail_expert.safetensors"):
         a, b = load_file(str(root / "det_fsdp" / "export" / f)), load_file(str(run / "export" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
