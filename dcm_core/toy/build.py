@@ -38,6 +38,7 @@ from ..schedule import FAMILY_WAN
 from ..train.checkpoint import sha256_file
 from . import models as M
 from . import teacher as T
+from . import teacher_run as TR
 from . import world
 
 log = logging.getLogger("DCM.toy")
@@ -199,7 +200,15 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcm_core.toy.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default="runs/toy", help="working folder for runs and logs (default runs/toy)")
+    p.add_argument("--work", default=None, help="working folder for runs and logs (default runs/toy; runs/toy_v2 for --world v2)")
+    p.add_argument("--world", choices=("v1", "v2"), default="v1",
+                   help="toy world: v1 (default; the bundled models) or v2 (textured, in progress: --teacher-only)")
+    p.add_argument("--teacher-only", action="store_true",
+                   help="v2: train only the teacher (resumable run in <work>/teacher_run: checkpoints, train.log, eval.jsonl)")
+    p.add_argument("--resume", action="store_true", help="v2: continue the teacher run from its last checkpoint")
+    p.add_argument("--arch", default=None, metavar="DIM,LAYERS,FFN",
+                   help="v2: teacher architecture (default %s)" % ",".join(str(v) for v in TR.TOY_WAN_V2.values()))
+    p.add_argument("--batch-size", type=int, default=None, help="v2: teacher batch size (default 16)")
     p.add_argument("--teacher-steps", type=int, default=T.TeacherConfig.steps)
     p.add_argument("--semantic-steps", type=int, default=600)
     p.add_argument("--detail-steps", type=int, default=200)
@@ -215,10 +224,33 @@ def main(argv: list[str] | None = None) -> int:
     # and training becomes many times slower (measured); --threads 2 helps only on an idle machine.
     torch.set_num_threads(a.threads)
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # for the trainer subprocesses
-    m = build(Path(a.work), teacher_steps=a.teacher_steps, semantic_steps=a.semantic_steps,
+    if a.world == "v2":
+        return _main_v2(a)
+    m = build(Path(a.work or "runs/toy"), teacher_steps=a.teacher_steps, semantic_steps=a.semantic_steps,
               detail_steps=a.detail_steps, clips=a.clips, seed=a.seed, ablations=a.ablations,
               bundle=not a.no_bundle, weights_dir=Path(a.weights_dir))
     print(json.dumps(m["wall_seconds"], indent=1))
+    return 0
+
+
+def _main_v2(a: argparse.Namespace) -> int:
+    """World v2 (issue 12, in progress): the resumable teacher run only, for now."""
+    if not a.teacher_only:
+        print("--world v2 builds only the teacher so far (issue 12 in progress): add --teacher-only", file=sys.stderr)
+        return 2
+    cfg = TR.RunConfig(steps=a.teacher_steps, seed=a.seed)
+    if a.arch:
+        dim, layers, ffn = (int(v) for v in a.arch.split(","))
+        cfg.arch = dict(dim=dim, num_layers=layers, ffn_dim=ffn)
+    if a.batch_size:
+        cfg.batch_size = a.batch_size
+    run = Path(a.work or "runs/toy_v2") / "teacher_run"
+    try:
+        TR.train(cfg, run, resume=a.resume)
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"teacher: {run / 'teacher'} (log {run / 'train.log'}, scores {run / 'eval.jsonl'})")
     return 0
 
 
