@@ -13,6 +13,8 @@
 #   3. resume: FSDP detail run stopped after step 2, `--resume latest` to step 4 == run 2's FSDP step 4 (torch.equal)
 #   4. bf16 autocast + FSDP activation checkpointing, both stages: finite, in the ballpark of a 1-GPU bf16 run
 #      (bf16 rounding differs between batch 1 and batch 2: weights within 2e-3, Adam moments within 50 %)
+#   5. (GPUs only) the official Wan detail recipe at the Wan-1.3B shape on one 480x832x81 clip, FSDP2 over 2 GPUs:
+#      `train --plan` next to the measured peak CUDA memory ("does it fit on 80 GB" in one command)
 # and prints PASS/FAIL per check (fp32: the tolerances of test_fsdp.py) and the mean step times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +73,26 @@ one --config $CFG/tiny_wan_semantic.toml "${COMMON[@]}" "${SEM[@]}" "${BF[@]}" m
 fsdp bf16 --fsdp_activation_checkpointing true -- --config $CFG/tiny_wan_semantic.toml "${COMMON[@]}" "${SEM[@]}" "${BF[@]}" output_dir="$OUT/sem_bf16_fsdp"
 one --config $CFG/tiny_wan_detail.toml "${COMMON[@]}" "${DET[@]}" "${BF[@]}" model.gradient_checkpointing=true output_dir="$OUT/det_bf16_1"
 fsdp bf16 --fsdp_activation_checkpointing true -- --config $CFG/tiny_wan_detail.toml "${COMMON[@]}" "${DET[@]}" "${BF[@]}" output_dir="$OUT/det_bf16_fsdp"
+
+if [ $CPU = 0 ]; then
+    echo "== 5. real scale: Wan-1.3B shape, official detail recipe (bf16, checkpointing, r128, 1024-wide heads), one"
+    echo "      480x832x81 clip (16x21x60x104 latent, 512 text tokens), FSDP2 over 2 GPUs, 3 steps: peak CUDA memory"
+    "$PY" - "$OUT/data_480p" <<'EOF'
+import sys, torch
+from pathlib import Path
+from dcm_core.train.data import write_latent_dataset
+g = torch.Generator().manual_seed(0)
+items = [dict(name=f"c{i}", latent=torch.randn(16, 21, 60, 104, generator=g), prompt_embed=torch.randn(512, 4096, generator=g) * 0.5,
+              prompt_attention_mask=torch.ones(512, dtype=torch.bool), caption="c") for i in range(2)]
+write_latent_dataset(Path(sys.argv[1]), items, uncond=(torch.zeros(512, 4096), torch.zeros(512, dtype=torch.bool)))
+EOF
+    WAN13="model.tiny_config={dim = 1536, num_layers = 30, ffn_dim = 8960}"
+    R=(--config $CFG/wan_detail.toml model.pretrained=tiny:wan "$WAN13" data.path="$OUT/data_480p" 'model.semantic_expert=""'
+       max_train_steps=3 checkpoint.every_steps=0 validation.every_steps=0 export.at_end=false logging.progress_bar=false)
+    "$PY" -m dcm_core train "${R[@]}" output_dir="$OUT/det_480p" --plan --num-gpus 2 --gpu-memory 80 || true
+    fsdp bf16 --fsdp_activation_checkpointing true -- "${R[@]}" output_dir="$OUT/det_480p"
+    "$PY" -c "import json,sys; m=[json.loads(l) for l in open(sys.argv[1])]; print('measured peak CUDA memory (process 0):', max(r.get('cuda_peak_gib', 0) for r in m), 'GiB; step time', m[-1]['step_time_s'], 's')" "$OUT/det_480p/metrics.jsonl" || echo "FAIL  480p detail run (see above)"
+fi
 
 "$PY" - "$OUT" <<'EOF'
 import json, sys

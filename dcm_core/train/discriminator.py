@@ -198,7 +198,7 @@ class DiscriminatorHead(nn.Module):
             raise DCMConfigError(f"discriminator head got {n} tokens for a {t}×{h}×{w} grid ({t * h * w} tokens).")
         # features of a bf16 teacher meet fp32 heads when no autocast is active
         x = tokens.reshape(b, t, h, w, d).permute(0, 1, 4, 2, 3).reshape(b * t, d, h, w)
-        if not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != self.conv_out.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.conv_out.weight.dtype)
         x = self.conv1(x)
         x = self.conv2(x) + x

@@ -641,6 +641,8 @@ class DCMTrainer:
             t = acc.reduce(t, reduction="mean")
             logs = dict(zip(keys, t.cpu().tolist()))
         rec = {"step": self.global_step, **{k: float(v) for k, v in logs.items()}, "step_time_s": dt}
+        if acc.device.type == "cuda":  # this process's peak, for comparison with `train --plan`
+            rec["cuda_peak_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         for k in ("loss", "loss_cd"):
             if k in rec and not math.isfinite(rec[k]):
                 raise FloatingPointError(f"{k} is {rec[k]} at step {self.global_step}; lower optim.lr or check the data.")

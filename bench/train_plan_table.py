@@ -1,0 +1,55 @@
+"""The README's memory table: ``--plan`` of the shipped recipes at the official model shapes (no weights needed).
+
+    OMP_NUM_THREADS=1 python bench/train_plan_table.py [--num-gpus 8]
+
+Random-shape stand-ins (``tiny:`` with the real widths / depths) give the same parameter counts and
+activation sizes as the released models; the shipped configs give everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: what nvidia-smi reports as total memory, GiB: H100 80 GB = 81,559 MiB, H200 141 GB = 143,771 MiB
+H100, H200 = 81559 / 1024, 143771 / 1024
+
+CASES = [
+    # (model, shipped config prefix, tiny family, tiny config, video F,H,W per stage)
+    ("Wan2.1-T2V-1.3B", "wan", "wan", "{dim = 1536, num_layers = 30, ffn_dim = 8960}", "480p", (81, 480, 832), (81, 480, 832)),
+    ("Wan2.1-T2V-14B", "wan", "wan", "{dim = 5120, num_layers = 40, ffn_dim = 13824}", "480p", (81, 480, 832), (81, 480, 832)),
+    ("Wan2.1-T2V-14B", "wan", "wan", "{dim = 5120, num_layers = 40, ffn_dim = 13824}", "720p", (81, 720, 1280), (81, 720, 1280)),
+    ("HunyuanVideo", "hunyuan", "hunyuan_video", "{hidden = 3072, num_layers = 20, num_single_layers = 40}", "720p",
+     (125, 720, 1280), (61, 720, 1280)),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num-gpus", type=int, default=8)
+    args = ap.parse_args()
+    from dcm_core.train.config import load_config
+    from dcm_core.train.plan import GiB, make_plan
+
+    n = args.num_gpus
+    print(f"| model | clip | stage | tokens | per GPU, {n} GPUs FSDP2 | of which activations | 8×80 GB | 8×141 GB |")
+    print("|---|---|---|---:|---:|---:|:---:|:---:|")
+    for model, prefix, fam, tiny, res, sem_video, det_video in CASES:
+        for stage, video in (("semantic", sem_video), ("detail", det_video)):
+            cfg = load_config(str(ROOT / "dcm_core" / "train" / "configs" / f"{prefix}_{stage}.toml"),
+                              [f"model.pretrained=tiny:{fam}", f"model.tiny_config={tiny}"], stage=stage)
+            plan = make_plan(cfg, num_gpus=n, video=video)
+            act = sum(b for name, b, _ in plan.items if "activations" in name or "features" in name)
+            tokens = plan.title.split(" = ")[1].split(" tokens")[0]
+            total = plan.total / GiB
+            print(f"| {model} | {res} {video[0]}f | {stage} | {tokens} | {total:.0f} GiB | {act / GiB:.0f} GiB | "
+                  f"{'yes' if total <= H100 else 'no'} | {'yes' if total <= H200 else 'no'} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
