@@ -1,0 +1,152 @@
+"""``python -m dcm_core.toy.study``: measurements on a toy teacher before distilling (issue 12, items 1–2).
+
+Two studies, both on a fixed held-out set of prompts × seeds, every sampler starting from the same noise:
+
+* **hardness** — how far the teacher's own few-step flow-Euler samples (2 / 4 / 6 steps, on the toy grid
+  and on the official presets) are from its reference sample: MSE in latent space (also relative to the
+  reference's variance), sharpness ratio (HF energy of the few-step sample ÷ the reference's) and the
+  world's analytic scores. A world is "hard for few-step sampling" when these differ clearly.
+* **shift** — which grid the teacher's 50-step *reference* sampling should use: for each shift s, the
+  50-step sample on σ = shift(u, s) against a near-converged ODE solution (``--converged-steps`` Euler
+  steps; its own error is bounded by comparing two converged solutions on different grids), plus the
+  last σ before 0 (DCM's shift-17 grid ends with a single jump 0.26 → 0) and the sharpness ratio.
+
+The teacher is a diffusers folder (``--teacher``) or a resumable run's checkpoint (``--ckpt``, EMA
+weights; e.g. a short-trained proxy of a v2 teacher still in training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..schedule import OFFICIAL_PRESETS
+from . import teacher_run as TR
+from . import world_v2
+
+#: Held-out prompts for the studies (every motion; seeds disjoint from training's stream and from make toy-eval's).
+STUDY_PROMPTS = ("red circle moving right", "blue square moving left", "green diamond moving up",
+                 "yellow circle moving down", "white square bouncing", "magenta diamond growing",
+                 "blue circle shrinking", "yellow square moving right", "red diamond moving left",
+                 "green square moving up", "magenta circle moving down", "white diamond bouncing")
+STUDY_SEED_BASE = 700_000
+
+
+def load_teacher(teacher: str | None = None, ckpt: str | None = None) -> tuple[torch.nn.Module, dict]:
+    if ckpt:
+        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        cfg = TR.RunConfig(**ck["config"])
+        model = TR.build_model(cfg).eval()
+        model.load_state_dict(ck["ema"])
+        return model, {"source": str(ckpt), "step": ck["step"], "loss_ema": ck["loss_ema"], "world": cfg.world}
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_pretrained(str(teacher), torch_dtype=torch.float32).float().eval()
+    return model, {"source": str(teacher)}
+
+
+def _inputs(world, n: int, seeds_per_prompt: int = 1):
+    pairs = [(p, STUDY_SEED_BASE + 131 * i + s) for i, p in enumerate(STUDY_PROMPTS[:n]) for s in range(seeds_per_prompt)]
+    noise = torch.stack([torch.randn(world.latent_shape()[1:], generator=torch.Generator().manual_seed(s))
+                         for _, s in pairs])
+    ctx = torch.stack([world.encode_text(p) for p, _ in pairs])
+    return pairs, noise, ctx
+
+
+def _scores(world, lat: torch.Tensor, pairs) -> dict:
+    rows = [world_v2.score_clip(world.latent_to_frames(x), p) for x, (p, _) in zip(lat, pairs)]
+    out = {"all_ok": float(np.mean([r["all_ok"] for r in rows])),
+           "motion_error_px": float(np.mean([r["motion_error_px"] for r in rows]))}
+    we = [r["warp_error"] for r in rows if np.isfinite(r["warp_error"])]
+    out["warp_error"] = float(np.mean(we)) if we else float("nan")
+    return out
+
+
+def _hf(world, lat: torch.Tensor) -> np.ndarray:
+    return np.array([world_v2.hf_energy(world.latent_to_frames(x)) for x in lat])
+
+
+def _compare(world, lat: torch.Tensor, ref: torch.Tensor, pairs) -> dict:
+    mse = ((lat - ref) ** 2).mean(dim=(1, 2, 3, 4))
+    var = ref.var(dim=(1, 2, 3, 4))
+    return {"mse": float(mse.mean()), "mse_rel": float((mse / var).mean()),
+            "sharpness_ratio": float(np.mean(_hf(world, lat) / np.maximum(_hf(world, ref), 1e-8))),
+            **_scores(world, lat, pairs)}
+
+
+def few_step_schedules(shift: float) -> dict[str, list[float]]:
+    out = {f"{n} steps, toy grid (shift {shift:g})": TR.grid_sigmas(n, shift) for n in (2, 4, 6)}
+    out["4 steps, hunyuan-t2v-4step"] = list(OFFICIAL_PRESETS["hunyuan-t2v-4step"])
+    out["6 steps, wan2.1-t2v-6step"] = list(OFFICIAL_PRESETS["wan2.1-t2v-6step"])
+    return out
+
+
+@torch.no_grad()
+def hardness(model, world, *, n_prompts: int = 12, ref_steps: int = 50, ref_shift: float = TR.TOY_SHIFT,
+             cfg_scale: float = 1.0) -> dict:
+    pairs, noise, ctx = _inputs(world, n_prompts)
+    ref = TR.sample(model, noise, ctx, TR.grid_sigmas(ref_steps, ref_shift), cfg_scale)
+    res = {"reference": f"{ref_steps} steps, shift {ref_shift:g}", "reference_scores": _scores(world, ref, pairs),
+           "samples": len(pairs), "few_step": {}}
+    for label, sig in few_step_schedules(ref_shift).items():
+        res["few_step"][label] = {"sigmas": [round(s, 6) for s in sig],
+                                  **_compare(world, TR.sample(model, noise, ctx, sig, cfg_scale), ref, pairs)}
+    return res
+
+
+@torch.no_grad()
+def shift_study(model, world, *, shifts=(1.0, 3.0, 5.0, 17.0), steps: int = 50, converged_steps: int = 400,
+                n_prompts: int = 12, cfg_scale: float = 1.0) -> dict:
+    pairs, noise, ctx = _inputs(world, n_prompts)
+    conv = TR.sample(model, noise, ctx, TR.grid_sigmas(converged_steps, 3.0), cfg_scale)
+    conv_b = TR.sample(model, noise, ctx, TR.grid_sigmas(converged_steps, 1.0), cfg_scale)
+    res = {"converged": f"{converged_steps} steps, shift 3",
+           "converged_uncertainty_mse": float(((conv - conv_b) ** 2).mean()),  # vs 400 steps at shift 1
+           "converged_scores": _scores(world, conv, pairs), "samples": len(pairs), "shifts": {}}
+    for s in shifts:
+        sig = TR.grid_sigmas(steps, s)
+        res["shifts"][f"{s:g}"] = {"last_sigma_before_0": round(sig[-2], 6), "first_step_below_1": round(sig[1], 6),
+                                   **_compare(world, TR.sample(model, noise, ctx, sig, cfg_scale), conv, pairs)}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dcm_core.toy.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", help="diffusers teacher folder (e.g. dcm_core/toy/weights/teacher)")
+    src.add_argument("--ckpt", help="a teacher run's ckpt.pt (EMA weights), e.g. runs/toy_v2/teacher_run/ckpt.pt")
+    p.add_argument("--world", choices=("v1", "v2"), default=None, help="default: the checkpoint's, else v1")
+    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--converged-steps", type=int, default=400)
+    p.add_argument("--only", choices=("hardness", "shift"), default=None)
+    p.add_argument("--out", default=None, help="write the JSON here too")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    model, info = load_teacher(a.teacher, a.ckpt)
+    world = world_v2.get_world(a.world or info.get("world", "v1"))
+    res = {"teacher": info, "world": world.__name__.rsplit(".", 1)[-1], "cfg_scale": a.cfg}
+    if a.only != "shift":
+        res["hardness"] = hardness(model, world, n_prompts=a.prompts, cfg_scale=a.cfg)
+    if a.only != "hardness":
+        res["shift_study"] = shift_study(model, world, n_prompts=a.prompts, converged_steps=a.converged_steps,
+                                         cfg_scale=a.cfg)
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(res, indent=1)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""The pre-distillation studies (world hardness per step count, the reference grid's shift) on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dcm_core.toy import study, world_v2
+from dcm_core.toy import teacher_run as TR
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.set_num_threads(1)
+    return TR.build_model(TR.RunConfig(arch=dict(dim=128, num_layers=1, ffn_dim=64))).eval()
+
+
+def test_hardness_reports_every_step_count(tiny_model):
+    res = study.hardness(tiny_model, world_v2, n_prompts=2, ref_steps=6)
+    assert res["samples"] == 2
+    labels = list(res["few_step"])
+    assert labels[:3] == ["2 steps, toy grid (shift 3)", "4 steps, toy grid (shift 3)", "6 steps, toy grid (shift 3)"]
+    six = res["few_step"]["6 steps, toy grid (shift 3)"]
+    assert six["mse"] == pytest.approx(0.0, abs=1e-10)  # the same grid as the 6-step reference: identical
+    assert res["few_step"]["2 steps, toy grid (shift 3)"]["mse"] > 0
+    assert res["few_step"]["6 steps, wan2.1-t2v-6step"]["sigmas"] == [1.0, 0.992, 0.982, 0.949, 0.905, 0.81, 0.0]
+
+
+def test_shift_study_names_the_last_jump(tiny_model):
+    res = study.shift_study(tiny_model, world_v2, shifts=(3.0, 17.0), steps=8, converged_steps=8, n_prompts=1)
+    assert res["shifts"]["3"]["mse"] == pytest.approx(0.0, abs=1e-10)  # converged reference is 8 steps at shift 3
+    assert res["shifts"]["17"]["mse"] > 0
+    assert res["shifts"]["17"]["last_sigma_before_0"] == pytest.approx(17 / 8 / (1 + 16 / 8), abs=1e-6)
+    assert res["converged_uncertainty_mse"] > 0
+
+
+def test_cli_reads_a_run_checkpoint(tmp_path, capsys):
+    cfg = TR.RunConfig(arch=dict(dim=128, num_layers=1, ffn_dim=64), steps=1, batch_size=1, eval_every=0)
+    TR.train(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "s.json"
+    assert study.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--prompts", "1", "--only", "hardness",
+                       "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["world"] == "world_v2" and res["teacher"]["step"] == 1 and "shift_study" not in res
+    capsys.readouterr()
