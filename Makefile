@@ -10,6 +10,7 @@
 #                     `make test` runs its short form (tests/soak)
 #   make toy-models   retrain the bundled toy teacher and experts from scratch (+ the ablation runs)
 #   make toy-eval     measured quality of the toy experts (needs the ablation runs of toy-models)
+#   make toy-v2-teacher  train (or continue) the world-v2 toy teacher in runs/toy_v2/teacher_run (resumable; issue 12)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ export COMFYUI_PATH
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability soak toy-models toy-eval lint clean
+.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability soak toy-models toy-eval toy-v2-teacher lint clean
 
 venv:
 	@PYTHON=$(PYTHON) VENV=$(VENV) tools/bootstrap.sh
@@ -56,6 +57,9 @@ toy-models: venv
 
 toy-eval: venv
 	$(PY) -m dcm_core.toy.evaluate
+
+toy-v2-teacher: venv
+	OMP_NUM_THREADS=1 $(PY) -m dcm_core.toy.build --world v2 --teacher-only --resume
 
 lint: venv
 	$(PY) -m ruff check .
