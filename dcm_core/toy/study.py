@@ -6,6 +6,8 @@ Two studies, both on a fixed held-out set of prompts × seeds, every sampler sta
   and on the official presets) are from its reference sample: MSE in latent space (also relative to the
   reference's variance), sharpness ratio (HF energy of the few-step sample ÷ the reference's) and the
   world's analytic scores. A world is "hard for few-step sampling" when these differ clearly.
+* **spectral** — a model-free proxy (:func:`spectral_decided`): which share of the clips' (fine-detail)
+  energy is above the noise at each σ, for v1 and v2;
 * **shift** — which grid the teacher's 50-step *reference* sampling should use: for each shift s, the
   50-step sample on σ = shift(u, s) against a near-converged ODE solution (``--converged-steps`` Euler
   steps; its own error is bounded by comparing two converged solutions on different grids), plus the
@@ -115,22 +117,68 @@ def shift_study(model, world, *, shifts=(1.0, 3.0, 5.0, 17.0), steps: int = 50, 
     return res
 
 
+#: Noise levels at which :func:`spectral_decided` reports (DCM's switch points and the presets' last jumps among them).
+SPECTRAL_SIGMAS = (0.99, 0.975, 0.95, 0.9, 0.81, 0.7, 0.5, 0.26, 0.1, 0.05)
+HF_CUTOFF = 1 / 6  # cycles per pixel: periods ≤ 6 px (the v2 textures' band) count as "fine detail"
+
+
+def spectral_decided(world, *, n_clips: int = 256, sigmas=SPECTRAL_SIGMAS, seed: int = 0) -> dict:
+    """A model-free hardness proxy: which share of the clips' energy is already above the noise at σ.
+
+    In pixel space the forward process is ``(1−σ)·p0 + σ·n`` with white ``n`` of std ``1/LATENT_GAIN``
+    (the latent map is orthonormal up to that gain). A spatial frequency is "decided" at σ when the
+    clips' mean power there exceeds the noise's, ``(1−σ)²·P(f) > σ²/GAIN²`` (a linear-Gaussian / Wiener
+    view: the best denoiser keeps that frequency). Reported per σ: the decided share of all non-DC
+    energy and of the fine-detail energy (period ≤ 6 px).
+    """
+    from .world import LATENT_GAIN
+
+    rng = np.random.default_rng(seed)
+    power = None
+    for _ in range(n_clips):
+        f = world.random_clip(int(rng.integers(2**62))).frames.double()  # [F, 3, H, W]
+        p = (torch.fft.fft2(f).abs() ** 2).mean(dim=(0, 1)) / (f.shape[-1] * f.shape[-2])
+        power = p if power is None else power + p
+    power = (power / n_clips).numpy()
+    fy = np.fft.fftfreq(power.shape[0])[:, None]
+    fx = np.fft.fftfreq(power.shape[1])[None, :]
+    rad = np.sqrt(fx**2 + fy**2)
+    nondc = rad > 0
+    hf = rad >= HF_CUTOFF
+    out = {"hf_share_of_energy": float(power[hf].sum() / power[nondc].sum()), "by_sigma": {}}
+    for s in sigmas:
+        decided = (1 - s) ** 2 * power > (s / LATENT_GAIN) ** 2
+        out["by_sigma"][f"{s:g}"] = {"all": float(power[decided & nondc].sum() / power[nondc].sum()),
+                                     "fine": float(power[decided & hf].sum() / power[hf].sum())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcm_core.toy.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--teacher", help="diffusers teacher folder (e.g. dcm_core/toy/weights/teacher)")
     src.add_argument("--ckpt", help="a teacher run's ckpt.pt (EMA weights), e.g. runs/toy_v2/teacher_run/ckpt.pt")
     p.add_argument("--world", choices=("v1", "v2"), default=None, help="default: the checkpoint's, else v1")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--converged-steps", type=int, default=400)
-    p.add_argument("--only", choices=("hardness", "shift"), default=None)
+    p.add_argument("--only", choices=("hardness", "shift", "spectral"), default=None,
+                   help="one study (spectral: the model-free proxy for v1 and v2, no teacher needed)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
+    if a.only == "spectral" or not (a.teacher or a.ckpt):
+        if a.only not in (None, "spectral"):
+            p.error("--teacher or --ckpt is needed for the hardness and shift studies")
+        res = {v: spectral_decided(world_v2.get_world(v)) for v in ("v1", "v2")}
+        print(json.dumps(res, indent=1))
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return 0
     model, info = load_teacher(a.teacher, a.ckpt)
     world = world_v2.get_world(a.world or info.get("world", "v1"))
     res = {"teacher": info, "world": world.__name__.rsplit(".", 1)[-1], "cfg_scale": a.cfg}

@@ -45,3 +45,15 @@ def test_cli_reads_a_run_checkpoint(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["world"] == "world_v2" and res["teacher"]["step"] == 1 and "shift_study" not in res
     capsys.readouterr()
+
+
+def test_spectral_proxy_v2_has_more_fine_detail_decided_only_at_low_noise():
+    from dcm_core.toy import world
+
+    v1 = study.spectral_decided(world, n_clips=24)
+    v2 = study.spectral_decided(world_v2, n_clips=24)
+    assert v2["hf_share_of_energy"] > 2 * v1["hf_share_of_energy"]
+    for r in (v1, v2):
+        fine = [x["fine"] for x in r["by_sigma"].values()]  # σ descending → decided share non-decreasing
+        assert fine == sorted(fine) and fine[0] == 0.0 and fine[-1] > 0.9
+        assert r["by_sigma"]["0.81"]["fine"] == 0.0  # the wan preset's last jump starts with no fine detail decided
