@@ -41,12 +41,15 @@ def _replace(dst, src):
 
 def test_checkpoint_replaced_on_disk_is_used_by_the_next_run_of_the_same_prompt(dcm, comfy, swap_file):
     dst, _a, b = swap_file
-    prompt = dcm.sampler_prompt("wan", ckpt=dst.name)
+
+    def prompt(key):  # only the capture key differs: the capture node re-runs, everything upstream may be cached
+        return dcm.sampler_prompt("wan", ckpt=dst.name, key=key)
+
     ex = comfy.new_executor()  # one server: the node cache lives across the two runs
-    out_a = dcm.run(prompt, executor=ex).clone()
+    out_a = dcm.run(prompt("swap_1"), "swap_1", executor=ex).clone()
     _replace(dst, b)
-    out_after = dcm.run(prompt, executor=ex).clone()
-    out_b_fresh = dcm.run(prompt, executor=comfy.new_executor()).clone()
+    out_after = dcm.run(prompt("swap_2"), "swap_2", executor=ex).clone()
+    out_b_fresh = dcm.run(prompt("swap_fresh"), "swap_fresh", executor=comfy.new_executor()).clone()
     assert not out_a.equal(out_b_fresh), "the two checkpoints must give different outputs for this test to mean anything"
     assert out_after.equal(out_b_fresh), (
         "DCM Checkpoint Loader: after 'soak_swap.safetensors' was replaced on disk (same name, same size, new "
