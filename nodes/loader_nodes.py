@@ -31,6 +31,14 @@ class DCMCheckpointLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name: str | None = None, weight_dtype: str | None = None) -> bool | str:
+        return loading.check_checkpoint_inputs(ckpt_name, weight_dtype)
+
+    @classmethod
+    def fingerprint_inputs(cls, ckpt_name: str, weight_dtype: str = "default", **_: Any) -> str:
+        return loading.checkpoint_fingerprint(ckpt_name, weight_dtype)
+
+    @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str) -> io.NodeOutput:
         return io.NodeOutput(*loading.load_dcm_checkpoint(ckpt_name, weight_dtype))
 
@@ -52,6 +60,14 @@ class DCMExpertLoraLoader(io.ComfyNode):
             ],
             outputs=[io.Model.Output("model_out", display_name="model", tooltip=T.EXPERT_OUT)],
         )
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str | None = None) -> bool | str:
+        return loading.check_expert_inputs(lora_name)
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name: str, **_: Any) -> str:
+        return loading.expert_fingerprint(lora_name)
 
     @classmethod
     def execute(cls, model: Any, lora_name: str, strength: float) -> io.NodeOutput:

@@ -53,8 +53,8 @@ class DCMDualExpertSampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, boundary_timestep: float) -> bool | str:
-        return schedules.check_boundary_input(boundary_timestep)
+    def validate_inputs(cls, boundary_timestep: float | None = None, preset: str | None = None) -> bool | str:
+        return schedules.check_schedule_inputs(preset, boundary_timestep, None)
 
     @classmethod
     def execute(

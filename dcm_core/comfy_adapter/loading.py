@@ -92,11 +92,7 @@ def resolve_file(kind: str, name: str, *, node: str) -> str:
     """Full path of ``name`` in the ComfyUI model folder ``kind`` (or a :class:`DCMFileNotFoundError`)."""
     path = folder_paths.get_full_path(kind, name)
     if path is None or not os.path.isfile(path):
-        dirs = ", ".join(folder_paths.get_folder_paths(kind)) or f"models/{kind}"
-        raise DCMFileNotFoundError(
-            f"{node}: '{name}' was not found in models/{kind} (searched: {dirs}). Put the file there and "
-            f"press R in ComfyUI to refresh the list, or pick another file."
-        )
+        raise DCMFileNotFoundError(_missing_file_message(kind, name, node))
     return path
 
 
@@ -127,6 +123,64 @@ def _lookup(cache: OrderedDict, key: tuple) -> Any:
         if value is not None:
             cache.move_to_end(key)
         return value
+
+
+# --------------------------------------------------------------------------- validation / fingerprints
+
+
+def _missing_file_message(kind: str, name: str, node: str) -> str:
+    dirs = ", ".join(folder_paths.get_folder_paths(kind)) or f"models/{kind}"
+    return (
+        f"{node}: '{name}' was not found in models/{kind} (searched: {dirs}). Put the file there and "
+        f"press R in ComfyUI to refresh the list, or pick another file."
+    )
+
+
+def check_checkpoint_inputs(ckpt_name: Any = None, weight_dtype: Any = None) -> bool | str:
+    """``DCM Checkpoint Loader.validate_inputs``: the file exists and the dtype is known (None = linked)."""
+    if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
+        return f"{CHECKPOINT_NODE}: weight_dtype={weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}."
+    if ckpt_name is not None and folder_paths.get_full_path("diffusion_models", ckpt_name) is None:
+        return _missing_file_message("diffusion_models", ckpt_name, CHECKPOINT_NODE)
+    return True
+
+
+def check_expert_inputs(lora_name: Any = None) -> bool | str:
+    """``DCM Expert LoRA Loader.validate_inputs``: the expert file exists (None = linked)."""
+    if lora_name is not None and folder_paths.get_full_path("loras", lora_name) is None:
+        return _missing_file_message("loras", lora_name, EXPERT_NODE)
+    return True
+
+
+def _stat_key(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path, "missing")
+    return (path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def checkpoint_fingerprint(ckpt_name: str, weight_dtype: str) -> str:
+    """``fingerprint_inputs`` of DCM Checkpoint Loader: changes whenever a file the load reads changes.
+
+    ComfyUI re-runs a node only when its inputs or this value change; without it, a checkpoint replaced or
+    deleted on disk between two runs of the same workflow would be served from the node cache. Covers the
+    picked file and, once it has been loaded, every other file that load read (a converted pair's partner).
+    """
+    path = folder_paths.get_full_path("diffusion_models", ckpt_name)
+    if path is None:
+        return repr(("missing", ckpt_name, weight_dtype))
+    real = os.path.realpath(path)
+    with _lock:
+        deps = [e.deps for k, e in _CHECKPOINTS.items() if k[0] == real]
+    partners = tuple(_stat_key(d[0]) for group in deps for d in group)
+    return repr((_stat_key(real), partners, weight_dtype))
+
+
+def expert_fingerprint(lora_name: str) -> str:
+    """``fingerprint_inputs`` of DCM Expert LoRA Loader: the expert file's identity on disk."""
+    path = folder_paths.get_full_path("loras", lora_name)
+    return repr(("missing", lora_name) if path is None else _stat_key(os.path.realpath(path)))
 
 
 # --------------------------------------------------------------------------- models

@@ -9,6 +9,7 @@ symlink to the repo), loads custom nodes through ComfyUI's own loader, and retur
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -71,7 +72,11 @@ class ComfyHarness:
         return self.executor
 
     def run(self, prompt: dict, *, executor=None, check_valid: bool = True) -> RunResult:
-        """Validate and execute an API-format prompt. ``node_errors`` must be empty to run."""
+        """Validate and execute an API-format prompt. ``node_errors`` must be empty to run.
+
+        Runs a deep copy, as a server gets a fresh dict per request: ComfyUI stores each node's fingerprint
+        (``is_changed``) into the prompt it executes, and a reused dict would replay the old fingerprints."""
+        prompt = copy.deepcopy(prompt)
         pid = str(uuid.uuid4())
         valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
         ok, err, outputs, node_errors = valid[0], valid[1], valid[2], valid[3]
