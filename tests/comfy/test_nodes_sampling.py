@@ -22,6 +22,9 @@ CASES = [
     ("hunyuan_video", "hunyuan-t2v-4step", 42, 1, 1),
     ("hunyuan_video", "per-expert-uniform", 3, 2, 1),
 ]
+# (semantic steps, detail steps) written out, not computed by dcm_core.schedule.route, which the reference also
+# uses: HunyuanVideo's 4-step preset at 981 has sigma 0.9818 -> floor(981.8) = 981 <= 981 on the detail expert.
+GOLDEN_SPLIT = {"wan2.1-t2v-6step": (3, 3), "hunyuan-t2v-4step": (2, 2), "per-expert-uniform": (3, 3)}
 
 
 @pytest.mark.parametrize("family,preset,seed,batch,cond_batch", CASES)
@@ -38,6 +41,8 @@ def test_sampler_matches_reference_and_routes_each_step(dcm, family, preset, see
 
     calls = list(dcm.calls())
     expected = route(sigmas, fam.boundary)
+    n_sem, n_det = GOLDEN_SPLIT[preset]
+    assert expected == ["semantic"] * n_sem + ["detail"] * n_det
     assert [tag for tag, _ in calls] == expected, calls
     assert [t for _, t in calls] == pytest.approx([timestep_of(s) for s in sigmas[:-1]], abs=1e-3)
     # the experts really differ, so routing errors could not hide
