@@ -1,26 +1,27 @@
 """``python -m dcm_core train ... --plan``: the per-process memory of a config, without loading any weight.
 
-Everything is measured on PyTorch's ``meta`` device (shapes and dtypes, no storage, no compute):
+Nothing is read from the model's weight files; everything is counted:
 
 * **parameters** — the stage's student (detail: + LoRA ``lora1`` and the ``*_lora`` copies) and teacher
-  are built from the transformer's ``config.json`` on ``meta``; their exact element counts and storage
-  dtypes give the weights, gradients (fp32, trainable only), AdamW moments (2 × fp32), EMA, teacher;
-  under FSDP (``--num-gpus`` > 1 with ``--fsdp``) the student's share is divided by the process count
-  and the largest unit is gathered in fp32 twice (current + prefetched). DDP adds one fp32 gradient
-  bucket copy of the trainable parameters.
-* **activations** — the bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``)
-  in one forward of the family's transformer on ``meta`` at 1, 2 and 3 latent frames, for 1 and 2
-  blocks (HunyuanVideo: double and single blocks separately), fitted exactly by ``a + b·n + c·n²`` in the
-  token count n; the ``n²`` term (the attention matrix of the math kernel, which flash / memory-efficient
-  attention do not keep) is dropped, the rest is extrapolated to the clip's tokens and the model's
-  blocks. With ``model.gradient_checkpointing`` a block keeps only its inputs (measured the same way with
+  are built from the transformer's ``config.json`` on PyTorch's ``meta`` device (no storage); their
+  exact element counts and storage dtypes give the weights, gradients (fp32, trainable only), AdamW
+  moments (2 × fp32), EMA, teacher. Under FSDP (``--num-gpus`` > 1, ``--sharding fsdp``) the student's
+  share is divided by the process count and the largest block unit is gathered in fp32 twice (current +
+  prefetched) plus the root unit. DDP adds one fp32 gradient-bucket copy of the trainable parameters.
+* **activations** — the bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``,
+  each storage once) in one forward of the family's transformer with 1 and 2 blocks of the REAL width
+  (HunyuanVideo: double and single blocks separately) on the CPU, with uninitialised weights
+  (``to_empty``: only sizes are read) and 1, 2, 3 latent frames of 32 tokens, fitted exactly by
+  ``a + b·n + c·n²`` in the token count n; the rest is extrapolated to the clip's tokens and the
+  model's blocks (``c`` — an attention matrix — is 0 with the fused attention kernels and dropped).
+  With ``model.gradient_checkpointing`` a block keeps only its inputs (measured the same way with
   checkpointing on) plus, transiently, one block's activations in the backward's recomputation.
-  Stage semantic: one student forward with grad (the teacher and target run under ``no_grad``);
-  stage detail: the student and the teacher on the fake sample with grad, the discriminator's feature
-  maps of fake and real kept for the D step, the discriminator heads.
-* **overhead** — ``cuda``: 2 GiB (CUDA context, cuBLAS / NCCL workspaces, allocator slack, a guess);
+  Stage semantic: one student forward with grad (teacher and target run under ``no_grad``); stage
+  detail: the student and the teacher on the fake sample with grad, the discriminator's feature maps of
+  fake and real kept for the D step, the discriminator heads (measured the same way under autocast).
+* **overhead** — ``cuda``: 2 GiB (CUDA context, cuBLAS / NCCL workspaces, allocator slack: an estimate);
   ``cpu``: the resident size of this process after importing torch / diffusers / peft / accelerate
-  (measured), plus the dataset sample.
+  (measured).
 
 Validated against the peak RSS of real CPU runs (``bench/train_plan_check.py``; see the trainer README
 for the numbers and the tolerance). Not validated on a GPU.
@@ -188,25 +189,39 @@ def activations(family: str, config: dict, latent: tuple[int, ...], text: int, d
 def discriminator_bytes(
     n_feat: int, dim: int, inner: int, grid: tuple[int, int, int], batch: int, dtype: torch.dtype
 ) -> tuple[int, int]:
-    """``(parameters, saved bytes of D on fake + real)`` of the discriminator heads, measured on ``meta``."""
+    """``(parameters, saved bytes of D on fake + real)`` of the discriminator heads: fp32 heads under autocast to
+    ``dtype`` on a small CPU probe (1 x 4 x 8 tokens, uninitialised), scaled to the clip's tokens (every op of a head
+    is per token: 1x1 convolutions, GroupNorm, LeakyReLU)."""
     from .discriminator import Discriminator
 
     with torch.device("meta"):
-        disc = Discriminator(n_feat, dim, inner).to(dtype)
-    n_params = sum(p.numel() for p in disc.parameters())
-    total = 0
+        disc = Discriminator(1, dim, inner)
+    disc = disc.to_empty(device="cpu")
+    n_params = sum(p.numel() for p in disc.parameters()) * n_feat
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if not isinstance(t, nn.Parameter):
-            total += t.numel() * t.element_size()
-        return t
+    def saved(frames: int) -> int:
+        seen = {p.untyped_storage().data_ptr() for p in disc.parameters()}
+        total = 0
 
-    feats = [torch.empty((batch, math.prod(grid), dim), device="meta", dtype=dtype) for _ in range(n_feat)]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        for _ in range(2):  # fake and real
-            disc(feats, grid)
-    return n_params, total
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+            return t
+
+        probe = (frames, 4, 8)
+        feats = [torch.zeros((1, math.prod(probe), dim), dtype=dtype)]
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            disc(feats, probe)
+        return total
+
+    one, two = saved(1), saved(2)
+    per_token = (two - one) / 32  # the per-call part (autocast's weight copies) cancels
+    fixed = one - 32 * per_token
+    return n_params, int(2 * n_feat * (fixed + batch * per_token * math.prod(grid)))  # fake and real
 
 
 # ---------------------------------------------------------------------------- the plan
