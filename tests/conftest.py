@@ -12,7 +12,7 @@
 
 Tests live in tests/<tier>/; the tier is derived from the folder.
 
-Required tiers (CI): ``DCM_REQUIRE_TIERS=comfy,browser,cli`` (set by ``.ci/run``) turns "skip the tier"
+Required tiers (CI): ``DCM_REQUIRE_TIERS=comfy,browser,cli,soak`` (set by ``.ci/run``) turns "skip the tier"
 into "fail the session": if a listed tier cannot run on this machine, pytest stops before running any
 test with one message that names the tier, why, and how to get the ComfyUI work tree. The check runs
 whatever tests were selected (a CI machine that cannot run a required tier is misconfigured, whichever
