@@ -62,8 +62,8 @@ def _inputs(world, n: int, seeds_per_prompt: int = 1):
 
 def _scores(world, lat: torch.Tensor, pairs) -> dict:
     rows = [world_v2.score_clip(world.latent_to_frames(x), p) for x, (p, _) in zip(lat, pairs)]
-    out = {"all_ok": float(np.mean([r["all_ok"] for r in rows])),
-           "motion_error_px": float(np.mean([r["motion_error_px"] for r in rows]))}
+    out = {k: float(np.mean([r[k] for r in rows])) for k in ("all_ok", "colour_ok", "shape_ok", "motion_ok")}
+    out["motion_error_px"] = float(np.mean([r["motion_error_px"] for r in rows]))
     we = [r["warp_error"] for r in rows if np.isfinite(r["warp_error"])]
     out["warp_error"] = float(np.mean(we)) if we else float("nan")
     return out
