@@ -146,13 +146,14 @@ class Activations:
 
     fixed: float
     per_token: float
-    blocks: list[tuple[int, float, float]]  # (count, bytes per token, bytes per token with checkpointing)
+    #: per block kind: (count, (bytes, bytes per token), the same with checkpointing)
+    blocks: list[tuple[int, tuple[float, float], tuple[float, float]]]
 
     def at(self, n: int, checkpointing: bool) -> float:
-        body = sum(cnt * n * (ck if checkpointing else full) for cnt, full, ck in self.blocks)
+        body = sum(cnt * (f[0] + f[1] * n if not checkpointing else c[0] + c[1] * n) for cnt, f, c in self.blocks)
         total = self.fixed + self.per_token * n + body
         if checkpointing:  # the backward recomputes one block at a time: the largest one's activations, transiently
-            total += max(n * full for _, full, _ in self.blocks)
+            total += max(f[0] + f[1] * n for _, f, _ in self.blocks)
         return total
 
 
@@ -175,14 +176,14 @@ def activations(family: str, config: dict, latent: tuple[int, ...], text: int, d
         return _linear_in_tokens(lambda f: _saved_bytes(model, family, (c, f, h, w), text, dtype), per_frame)
 
     a0, b0 = measure(base, False)
-    _, b0c = measure(base, True)
+    a0c, b0c = measure(base, True)
     blocks = []
     fixed, per_token = a0, b0
     for k, count in kinds.items():
-        _, b1 = measure({**base, k: 2}, False)
-        _, b1c = measure({**base, k: 2}, True)
-        blocks.append((count, b1 - b0, b1c - b0c))
-        per_token -= b1 - b0  # the base model holds one block of each kind
+        a1, b1 = measure({**base, k: 2}, False)
+        a1c, b1c = measure({**base, k: 2}, True)
+        blocks.append((count, (a1 - a0, b1 - b0), (a1c - a0c, b1c - b0c)))
+        fixed, per_token = fixed - (a1 - a0), per_token - (b1 - b0)  # the base model holds one block of each kind
     return Activations(fixed, per_token, blocks)
 
 
