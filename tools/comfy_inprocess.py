@@ -1,4 +1,4 @@
-"""Boot a ComfyUI work tree inside this Python process (testing-on-cpu.md §4).
+"""Boot a ComfyUI work tree inside this Python process.
 
 Shared by the comfy test tier (tests/comfy/conftest.py) and the benchmarks (bench/comfy_env.py).
 Order matters: ComfyUI's ``args`` must be set before ``comfy.model_management`` is imported, and

@@ -1,4 +1,4 @@
-"""A real ComfyUI server in a subprocess, for the browser and cli tiers (testing-on-cpu.md §5).
+"""A real ComfyUI server in a subprocess, for the browser and cli tiers.
 
 * :func:`make_base` builds a temporary ``--base-directory``: ``custom_nodes/`` holds this pack and
   the test-only nodes (symlinks), ``models/`` holds tiny DCM models (dcm_core.tiny) under the names

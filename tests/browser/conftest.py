@@ -1,4 +1,4 @@
-"""Browser tier: the real ComfyUI frontend in headless Debian chromium (testing-on-cpu.md §7).
+"""Browser tier: the real ComfyUI frontend in headless Debian chromium.
 
 Every test runs once per frontend (``frontend_name``):
 * ``pinned`` — the comfyui-frontend-package the pinned ComfyUI requires (1.27.10 at a125cd84), from the venv;

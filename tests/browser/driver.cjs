@@ -1,5 +1,5 @@
-// Drives the real ComfyUI frontend in headless Debian chromium through playwright-core
-// (testing-on-cpu.md §7). Called by tests/browser/conftest.py:
+// Drives the real ComfyUI frontend in headless Debian chromium through playwright-core.
+// Called by tests/browser/conftest.py:
 //     node driver.cjs <plan.json>
 // plan: {url, chromium, outDir, resultPath, workflows: [{name, url}], queue: [{name, api}], timeoutMs}
 // Writes a JSON result to plan.resultPath; the Python tests assert on it. Every request that is not

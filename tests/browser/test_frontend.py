@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 UI = sorted((ROOT / "workflows").glob("*.json"))
 API = sorted((ROOT / "tests" / "comfy" / "workflows_api").glob("*.json"))
 FILE_INPUTS = {"ckpt_name", "unet_name", "lora_name", "vae_name", "clip_name"}
-# Known harmless frontend noise on a bare server (testing-on-cpu.md §7).
+# Known harmless frontend noise on a bare server.
 HARMLESS_PAGE_ERRORS = ("reading 'id'",)
 
 

@@ -1,4 +1,4 @@
-"""cli tier: comfy-cli against the real ComfyUI work tree (testing-on-cpu.md §6), loopback only.
+"""cli tier: comfy-cli against the real ComfyUI work tree, loopback only.
 
 ``comfy --workspace <ws> launch --background -- --cpu --listen 127.0.0.1 …``, ``comfy run --workflow
 <api json> --wait``, ``comfy stop``, with HOME in a temporary directory (comfy-cli keeps its config

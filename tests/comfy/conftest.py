@@ -1,4 +1,4 @@
-"""Real ComfyUI, in-process (testing-on-cpu.md §4).
+"""Real ComfyUI, in-process.
 
 The session fixture ``comfy`` boots the ComfyUI work tree at $COMFYUI_PATH on the CPU
 with a temporary base directory whose ``custom_nodes`` folder holds this pack (a

@@ -1,7 +1,7 @@
 """Registry readiness: pyproject.toml follows the Comfy Registry's rules, the published zip holds the
 pack and nothing heavy, and requirements.txt survives ComfyUI-Manager's per-line ``pip install``.
 
-Rules (docs.comfy.org/registry/specifications; comfyui-integration.md §7):
+Rules (docs.comfy.org/registry/specifications):
 * ``project.name`` is the node id: < 100 characters, only ASCII letters, digits, ``-``, ``_``, ``.``,
   no consecutive special characters, starts with a letter (not a digit or special character); this
   pack also keeps it lowercase, without "comfyui", and ending in a letter or digit (PEP 508).
