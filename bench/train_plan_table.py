@@ -31,6 +31,7 @@ CASES = [
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-gpus", type=int, default=8)
+    ap.add_argument("--skip", type=int, default=0, help="skip the first SKIP rows (resume an interrupted table)")
     args = ap.parse_args()
     from dcm_core.train.config import load_config
     from dcm_core.train.plan import GiB, make_plan
@@ -38,8 +39,12 @@ def main() -> int:
     n = args.num_gpus
     print(f"| model | clip | stage | tokens | per GPU, {n} GPUs FSDP2 | of which activations | 8×80 GB | 8×141 GB |")
     print("|---|---|---|---:|---:|---:|:---:|:---:|")
+    row = 0
     for model, prefix, fam, tiny, res, sem_video, det_video in CASES:
         for stage, video in (("semantic", sem_video), ("detail", det_video)):
+            row += 1
+            if row <= args.skip:
+                continue
             cfg = load_config(str(ROOT / "dcm_core" / "train" / "configs" / f"{prefix}_{stage}.toml"),
                               [f"model.pretrained=tiny:{fam}", f"model.tiny_config={tiny}"], stage=stage)
             plan = make_plan(cfg, num_gpus=n, video=video)

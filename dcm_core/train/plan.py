@@ -157,8 +157,19 @@ class Activations:
         return total
 
 
+_PROFILES: dict[str, Activations] = {}
+
+
 def activations(family: str, config: dict, latent: tuple[int, ...], text: int, dtype: torch.dtype) -> Activations:
-    """Measure the model's saved bytes on ``meta`` (see the module docstring)."""
+    """Measure the model's saved bytes in small real-width probes (see the module docstring); the profile does not
+    depend on the clip size, so it is measured once per model / text length / dtype in a process."""
+    key = json.dumps([family, config, latent[0], text, str(dtype)], sort_keys=True, default=str)
+    if key not in _PROFILES:
+        _PROFILES[key] = _measure_activations(family, config, latent, text, dtype)
+    return _PROFILES[key]
+
+
+def _measure_activations(family: str, config: dict, latent: tuple[int, ...], text: int, dtype: torch.dtype) -> Activations:
     c, _, _, _ = latent
     patch = config["patch_size"]
     ph, pw = (patch[1], patch[2]) if family == FAMILY_WAN else (patch, patch)
