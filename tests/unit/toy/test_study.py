@@ -57,3 +57,19 @@ def test_spectral_proxy_v2_has_more_fine_detail_decided_only_at_low_noise():
         fine = [x["fine"] for x in r["by_sigma"].values()]  # σ descending → decided share non-decreasing
         assert fine == sorted(fine) and fine[0] == 0.0 and fine[-1] > 0.9
         assert r["by_sigma"]["0.81"]["fine"] == 0.0  # the wan preset's last jump starts with no fine detail decided
+
+
+def test_conditioning_sensitivity_sees_a_deaf_text_path(tiny_model):
+    import copy
+
+    res = study.conditioning_sensitivity(tiny_model, world_v2, sigmas=(0.8,), bases=("red circle moving right",),
+                                         n_noise=1)
+    assert set(res["0.8"]) == {"colour", "shape", "motion", "unconditional"}
+    assert all(v > 0 for v in res["0.8"].values())
+    deaf = copy.deepcopy(tiny_model)
+    for p in deaf.condition_embedder.text_embedder.parameters():
+        torch.nn.init.zeros_(p)
+    res = study.conditioning_sensitivity(deaf, world_v2, sigmas=(0.8,), bases=("red circle moving right",), n_noise=1)
+    assert all(v == 0 for v in res["0.8"].values())
+    assert study._swap("red circle moving right", "motion") == "red circle moving up"
+    assert study._swap("magenta diamond shrinking", "shape") == "magenta circle shrinking"
