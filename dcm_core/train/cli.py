@@ -42,7 +42,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "memory plan (no weights are loaded, nothing is trained)",
         "--plan prints the per-GPU memory of the config (weights, gradients, AdamW, EMA, teacher, FSDP buffers, "
         "activations with / without gradient checkpointing, discriminator, overhead) and whether it fits: a lower bound "
-        "(8-23 % below measured CPU peaks). Parameters are counted on PyTorch's meta device, activations in small "
+        "(7-23 % below measured CPU peaks). Parameters are counted on PyTorch's meta device, activations in small "
         "real-width probes; see dcm_core/train/plan.py and dcm_core/train/README.md.",
     )
     g.add_argument("--plan", action="store_true", help="print the memory plan and exit")
