@@ -42,7 +42,7 @@ STUDY_SEED_BASE = 700_000
 
 def load_teacher(teacher: str | None = None, ckpt: str | None = None) -> tuple[torch.nn.Module, dict]:
     if ckpt:
-        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
+        ck = TR.load_checkpoint(ckpt)
         cfg = TR.RunConfig(**ck["config"])
         model = TR.build_model(cfg).eval()
         model.load_state_dict(ck["ema"])
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--teacher", help="diffusers teacher folder (e.g. dcm_core/toy/weights/teacher)")
-    src.add_argument("--ckpt", help="a teacher run's ckpt.pt (EMA weights), e.g. runs/toy_v2/teacher_run/ckpt.pt")
+    src.add_argument("--ckpt", help="a teacher run's ckpt.safetensors (EMA weights), e.g. runs/toy_v2/teacher_run/ckpt.safetensors")
     p.add_argument("--world", choices=("v1", "v2"), default=None, help="default: the checkpoint's, else v1")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")

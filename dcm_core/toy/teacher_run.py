@@ -4,7 +4,7 @@
 :func:`dcm_core.toy.teacher.train_teacher` (v1's one-shot loop, kept as it is for the bundled v1
 models), a run here
 
-* writes a checkpoint every ``ckpt_every`` steps to ``<run>/ckpt.pt`` (atomically: model, EMA
+* writes a checkpoint every ``ckpt_every`` steps to ``<run>/ckpt.safetensors`` (safetensors, atomically: model, EMA
   weights, optimizer, step, numpy + torch RNG states, loss EMA, the config), so a killed run continues
   from its last checkpoint with ``--resume`` and reaches the same weights as an uninterrupted run;
 * logs one line per ``log_every`` steps to ``<run>/train.log`` (step, loss EMA, lr, s/step, ETA) and
@@ -162,10 +162,47 @@ def evaluate_model(model: torch.nn.Module, cfg: RunConfig, *, steps: int | None 
     return out
 
 
-def _atomic_save(obj, path: Path) -> None:
+def save_checkpoint(path: Path, cfg: "RunConfig", step: int, model: torch.nn.Module, ema: torch.nn.Module,
+                    opt: torch.optim.Optimizer, rng: np.random.Generator, loss_ema: float | None) -> None:
+    """One safetensors file (never pickle), written atomically: model / EMA weights, the optimizer's tensors
+    and the torch RNG state as tensors; config, step, loss EMA, numpy RNG state and the optimizer's param
+    groups as JSON in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous().clone() for k, v in ema.state_dict().items()})
+    osd = opt.state_dict()
+    for idx, state in osd["state"].items():
+        for k, v in state.items():
+            tensors[f"opt.{idx}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().contiguous().clone()
+    tensors["torch_rng"] = torch.get_rng_state()
+    meta = {"config": asdict(cfg), "step": step, "loss_ema": loss_ema, "numpy_rng": rng.bit_generator.state,
+            "param_groups": osd["param_groups"]}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    save_file(tensors, str(tmp), metadata={"dcm_toy_teacher_run": json.dumps(meta)})
     os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """What :func:`save_checkpoint` wrote: ``config, step, loss_ema, numpy_rng, model, ema, opt, torch_rng``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("dcm_toy_teacher_run", "null") or "null")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a toy teacher-run checkpoint (no 'dcm_toy_teacher_run' metadata)")
+    tensors = load_file(str(path))
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    return {**meta,
+            "model": {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+            "ema": {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")},
+            "opt": {"state": state, "param_groups": meta["param_groups"]},
+            "torch_rng": tensors["torch_rng"]}
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
@@ -178,7 +215,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     from tqdm import tqdm
 
     run = Path(run_dir)
-    ckpt_path = run / "ckpt.pt"
+    ckpt_path = run / "ckpt.safetensors"
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another folder")
     run.mkdir(parents=True, exist_ok=True)
@@ -191,7 +228,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     step, loss_ema = 0, None
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items()
                 if k not in _FREE_ON_RESUME and ck["config"].get(k) != v}
         if diff:
@@ -206,9 +243,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     def checkpoint() -> None:
-        _atomic_save({"config": asdict(cfg), "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                      "opt": opt.state_dict(), "numpy_rng": rng.bit_generator.state,
-                      "torch_rng": torch.get_rng_state(), "loss_ema": loss_ema}, ckpt_path)
+        save_checkpoint(ckpt_path, cfg, step, model, ema, opt, rng, loss_ema)
 
     def write(name: str, line: str) -> None:
         with open(run / name, "a") as f:

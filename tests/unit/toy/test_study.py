@@ -40,7 +40,7 @@ def test_cli_reads_a_run_checkpoint(tmp_path, capsys):
     cfg = TR.RunConfig(arch=dict(dim=128, num_layers=1, ffn_dim=64), steps=1, batch_size=1, eval_every=0)
     TR.train(cfg, tmp_path / "run", progress=False)
     out = tmp_path / "s.json"
-    assert study.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--prompts", "1", "--only", "hardness",
+    assert study.main(["--ckpt", str(tmp_path / "run" / "ckpt.safetensors"), "--prompts", "1", "--only", "hardness",
                        "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["world"] == "world_v2" and res["teacher"]["step"] == 1 and "shift_study" not in res

@@ -28,7 +28,7 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path):
     torch.set_num_threads(1)
     straight = TR.train(_cfg(), tmp_path / "a", progress=False)
     TR.train(_cfg(), tmp_path / "b", progress=False, stop_after=2)  # "killed" after step 2 (checkpoint written)
-    ck = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
+    ck = TR.load_checkpoint(tmp_path / "b" / "ckpt.safetensors")
     assert ck["step"] == 2 and not (tmp_path / "b" / "teacher").exists()
     resumed = TR.train(_cfg(), tmp_path / "b", progress=False, resume=True)
     assert _same(straight, resumed)
