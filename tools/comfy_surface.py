@@ -330,7 +330,7 @@ class RecordedSource:
         m = self.modules.get(module)
         if m is None or "unavailable" in m:
             return m
-        return dict(m)  # names outside its "names" but in "all_names" resolve as "unrecorded"
+        return dict(m)
 
 
 # =========================================================================== resolution (shared by generator and test)
@@ -411,11 +411,13 @@ class Facts:
                 if r.status == "found":
                     self.touch(mod, "*", ())
                     return r
-            if name in m.get("all_names", ()):  # exists, but its facts were not kept
-                return Resolved("unrecorded", where=f"{mod}.{name}", detail=f"not in {SURFACE.name}: {REFRESH_HINT}")
             if m.get("partial"):
-                return Resolved("untranscribed", where=f"{mod}.{name}", detail=f"{m['file']} was copied in part")
-            return Resolved("missing", where=f"{mod}.{name}", detail=f"{m['file']} @ {str(m.get('commit'))[:8]}")
+                return Resolved("untranscribed", where=f"{mod}.{name}",
+                                detail=f"{m['file']} was copied in part; if the pack newly uses it, {REFRESH_HINT}")
+            # the file keeps facts only for the names the pack uses: a name it does not know is either new to
+            # the pack (refresh) or absent from ComfyUI (the refresh then keeps reporting it)
+            return Resolved("missing", where=f"{mod}.{name}",
+                            detail=f"{m['file']} @ {str(m.get('commit'))[:8]}; if ComfyUI has it, {REFRESH_HINT}")
         self.touch(mod, name, ())
         k = fact.get("kind")
         if k in ("import", "alias"):
@@ -854,8 +856,7 @@ def _prune(full: dict, touched: dict[str, dict[str, set]]) -> dict:
             if fact is None:
                 continue
             keep[name] = _prune_fact(fact, paths)
-        all_names = m.get("all_names") or sorted(n for n in m["names"] if n != "*")
-        out[mod] = {k: v for k, v in m.items() if k != "names"} | {"all_names": all_names, "names": keep}
+        out[mod] = {k: v for k, v in m.items() if k not in ("names", "all_names")} | {"names": keep}
     return out
 
 
