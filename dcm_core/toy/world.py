@@ -308,7 +308,12 @@ def motion_error(frames: torch.Tensor, prompt: str | Prompt) -> float:
     rendered by the world itself scores near 0 (up to tracking error).
     """
     p = prompt if isinstance(prompt, Prompt) else parse_prompt(prompt)
-    tr = track(frames, p.colour)
+    return track_error(p, track(frames, p.colour))
+
+
+def track_error(p: Prompt, tr) -> float:
+    """Mean distance (px) over frames 1..F−1 between a track ``[(x, y, r)]`` and ``p``'s motion law simulated from
+    the track's first frame; a frame where the object was lost counts as ``SIZE``."""
     x0, y0, r0 = tr[0]
     if not all(math.isfinite(v) for v in (x0, y0)):
         return float(SIZE)

@@ -260,19 +260,7 @@ def motion_error(frames: torch.Tensor, prompt: str | Prompt) -> float:
     """Mean distance (px) over frames 1..F−1 between the tracked (x, y, r) and the prompt's motion law
     simulated from the tracked first frame (like v1's, on the colour-agnostic v2 tracker)."""
     p = prompt if isinstance(prompt, Prompt) else parse_prompt(prompt)
-    tr = track(frames)
-    x0, y0, r0 = tr[0]
-    if not all(math.isfinite(v) for v in (x0, y0)):
-        return float(SIZE)
-    sim = simulate(p, x0, y0, r0, frames=len(tr))
-    errs = []
-    for i in range(1, len(tr)):
-        x, y, r = tr[i]
-        if not math.isfinite(x):
-            errs.append(float(SIZE))
-            continue
-        errs.append(math.sqrt((x - sim.xs[i]) ** 2 + (y - sim.ys[i]) ** 2 + (r - sim.radii[i]) ** 2))
-    return float(np.mean(errs))
+    return w1.track_error(p, track(frames))
 
 
 def classify_motion(frames: torch.Tensor, colour: str = "red", shape: str = "circle") -> str:

@@ -105,28 +105,41 @@ def _probe_model(family: str, config: dict, dtype: torch.dtype, **layers: int) -
     return model.requires_grad_(False)
 
 
-def _saved_bytes(model: nn.Module, family: str, latent: tuple[int, ...], text: int, dtype: torch.dtype) -> int:
-    """Bytes autograd saves (parameters and their views excluded) in one forward with grad on a [1, *latent] input."""
-    seen = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    total = 0
+class _SavedBytes:
+    """``with _SavedBytes(exclude) as c: ...`` → ``c.total``: bytes of the storages autograd saves inside the block,
+    each storage once (a tensor saved by two ops costs memory once), those of ``exclude`` (parameters) left out."""
 
-    def pack(t: torch.Tensor) -> torch.Tensor:  # each storage once (a tensor saved by two ops costs memory once)
-        nonlocal total
+    def __init__(self, exclude):
+        self.seen = {t.untyped_storage().data_ptr() for t in exclude}
+        self.total = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
+        if st.data_ptr() not in self.seen:
+            self.seen.add(st.data_ptr())
+            self.total += st.nbytes()
         return t
 
+    def __enter__(self) -> "_SavedBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _saved_bytes(model: nn.Module, family: str, latent: tuple[int, ...], text: int, dtype: torch.dtype) -> int:
+    """Bytes autograd saves (parameters and their views excluded) in one forward with grad on a [1, *latent] input."""
     x = torch.zeros((1, *latent), dtype=dtype, requires_grad=True)
     kw: dict[str, Any] = {"encoder_hidden_states": torch.zeros((1, text, 4096), dtype=dtype)}
     if family == FAMILY_HUNYUAN:
         kw["encoder_attention_mask"] = torch.ones((1, text), dtype=torch.bool)
         kw["pooled_projections"] = torch.zeros((1, 768), dtype=dtype)
         kw["guidance"] = torch.full((1,), 6016.0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _SavedBytes(list(model.parameters()) + list(model.buffers())) as saved:
         model(hidden_states=x, timestep=torch.full((1,), 500.0), return_dict=False, **kw)
-    return total
+    return saved.total
 
 
 def _linear_in_tokens(fn: Any, tokens_per_frame: int) -> tuple[float, float]:
@@ -212,23 +225,12 @@ def discriminator_bytes(
     n_params = sum(p.numel() for p in disc.parameters()) * n_feat
 
     def saved(frames: int) -> int:
-        seen = {p.untyped_storage().data_ptr() for p in disc.parameters()}
-        total = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            st = t.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
-            return t
-
         probe = (frames, 4, 8)
         feats = [torch.zeros((1, math.prod(probe), dim), dtype=dtype)]
         autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
-        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast, _SavedBytes(disc.parameters()) as counter:
             disc(feats, probe)
-        return total
+        return counter.total
 
     one, two = saved(1), saved(2)
     per_token = (two - one) / 32  # the per-call part (autocast's weight copies) cancels
