@@ -272,6 +272,38 @@ class DCMWorld:
             p["5"]["inputs"]["sigmas"] = ["9", 0]
         return p
 
+    def split_chain_prompt(self, family: str, seed: int, *, stock_loaders: bool = False) -> dict:
+        """:meth:`sampler_prompt` with the sampler node replaced by the stock two-sampler chain: DCM Schedule →
+        DCM Timestep Split → SamplerCustomAdvanced (RandomNoise) → SamplerCustomAdvanced (DisableNoise), one
+        BasicGuider per expert. The experts come from DCM Checkpoint Loader, or with ``stock_loaders`` from the
+        converted files through stock UNETLoader ("1") + LoraLoaderModelOnly ("20")."""
+        fam = self.families[family]
+        p = self.sampler_prompt(family, seed=seed)
+        del p["5"]
+        semantic, detail = ["1", 0], ["1", 1]
+        if stock_loaders:
+            p["1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": fam.semantic, "weight_dtype": "default"}}
+            p["20"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+                "model": ["1", 0], "lora_name": fam.detail, "strength_model": 1.0}}
+            detail = ["20", 0]
+        p.update({
+            "11": {"class_type": "DCMSchedule", "inputs": {
+                "preset": fam.preset, "semantic_steps": 3, "detail_steps": 3, "steps": 6,
+                "boundary_timestep": fam.boundary, "custom_sigmas": ""}},
+            "12": {"class_type": "DCMTimestepSplit", "inputs": {"sigmas": ["11", 0], "boundary_timestep": fam.boundary}},
+            "13": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "14": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+            "15": {"class_type": "DisableNoise", "inputs": {}},
+            "16": {"class_type": "BasicGuider", "inputs": {"model": semantic, "conditioning": ["2", 0]}},
+            "17": {"class_type": "BasicGuider", "inputs": {"model": detail, "conditioning": ["2", 0]}},
+            "18": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["14", 0], "guider": ["16", 0], "sampler": ["13", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}},
+            "19": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["15", 0], "guider": ["17", 0], "sampler": ["13", 0], "sigmas": ["12", 1], "latent_image": ["18", 0]}},
+        })
+        p["6"]["inputs"]["samples"] = ["19", 0]
+        return p
+
     # ---- runs
     def run(self, prompt: dict, key: str = "out", *, executor=None):
         import nodes

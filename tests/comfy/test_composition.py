@@ -29,27 +29,9 @@ def _dcm_prompt(dcm, seed: int, *, length: int | None = None) -> dict:
 
 def _stock_prompt(dcm, seed: int, *, length: int | None = None) -> dict:
     """The same run with no DCM loader / sampler: UNETLoader + LoraLoaderModelOnly, split, two stock samplers."""
-    fam = dcm.families["wan"]
-    p = _dcm_prompt(dcm, seed, length=length)
-    del p["5"]
-    p.update({
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": fam.semantic, "weight_dtype": "default"}},
-        "20": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": fam.detail, "strength_model": 1.0}},
-        "11": {"class_type": "DCMSchedule", "inputs": {
-            "preset": fam.preset, "semantic_steps": 3, "detail_steps": 3, "steps": 6,
-            "boundary_timestep": fam.boundary, "custom_sigmas": ""}},
-        "12": {"class_type": "DCMTimestepSplit", "inputs": {"sigmas": ["11", 0], "boundary_timestep": fam.boundary}},
-        "13": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "14": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
-        "15": {"class_type": "DisableNoise", "inputs": {}},
-        "16": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["2", 0]}},
-        "17": {"class_type": "BasicGuider", "inputs": {"model": ["20", 0], "conditioning": ["2", 0]}},
-        "18": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["14", 0], "guider": ["16", 0], "sampler": ["13", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}},
-        "19": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["15", 0], "guider": ["17", 0], "sampler": ["13", 0], "sigmas": ["12", 1], "latent_image": ["18", 0]}},
-    })
-    p["6"]["inputs"]["samples"] = ["19", 0]
+    p = dcm.split_chain_prompt("wan", seed, stock_loaders=True)
+    if length is not None:
+        p["4"]["inputs"]["length"] = length
     return p
 
 

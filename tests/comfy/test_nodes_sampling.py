@@ -133,24 +133,7 @@ def test_timestep_split_with_two_stock_samplers_equals_sampler_node(dcm):
     """DCMTimestepSplit + two SamplerCustomAdvanced (RandomNoise, then DisableNoise) == the one-node sampler."""
     fam = dcm.families["wan"]
     node_out = dcm.run(dcm.sampler_prompt("wan", seed=12))
-    p = dcm.sampler_prompt("wan", seed=12)
-    del p["5"]
-    p.update({
-        "11": {"class_type": "DCMSchedule", "inputs": {
-            "preset": fam.preset, "semantic_steps": 3, "detail_steps": 3, "steps": 6,
-            "boundary_timestep": fam.boundary, "custom_sigmas": ""}},
-        "12": {"class_type": "DCMTimestepSplit", "inputs": {"sigmas": ["11", 0], "boundary_timestep": fam.boundary}},
-        "13": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "14": {"class_type": "RandomNoise", "inputs": {"noise_seed": 12}},
-        "15": {"class_type": "DisableNoise", "inputs": {}},
-        "16": {"class_type": "BasicGuider", "inputs": {"model": ["1", 0], "conditioning": ["2", 0]}},
-        "17": {"class_type": "BasicGuider", "inputs": {"model": ["1", 1], "conditioning": ["2", 0]}},
-        "18": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["14", 0], "guider": ["16", 0], "sampler": ["13", 0], "sigmas": ["12", 0], "latent_image": ["4", 0]}},
-        "19": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["15", 0], "guider": ["17", 0], "sampler": ["13", 0], "sigmas": ["12", 1], "latent_image": ["18", 0]}},
-    })
-    p["6"]["inputs"]["samples"] = ["19", 0]
+    p = dcm.split_chain_prompt("wan", 12)
     chained = dcm.run(p)
     assert (to_model_space(chained, "wan") - to_model_space(node_out, "wan")).abs().max().item() < 1e-5
     sem, det = dcm.h.pack_module("dcm_core.comfy_adapter.schedules").split_at_boundary(
