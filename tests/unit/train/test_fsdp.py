@@ -249,7 +249,7 @@ def test_detail_kill_mid_checkpoint_write_and_exact_resume(runs):
     p = _launch_fsdp(args, program=[str(HERE / "fsdp_kill_child.py"), f"{DETAIL_STEPS}:3", "--"], check=False)
     assert p.returncode != 0, "process 0 should have been killed inside checkpoint 4"
     ckroot = run / "checkpoints"
-    assert [s for s, _ in ck.list_checkpoints(ckroot)] == [2]
+    assert [s for s, _ in ck.list_checkpoints(ckroot)] == [2], p.stderr[-3000:]
     assert (ckroot / f".tmp-{ck.checkpoint_name(DETAIL_STEPS)}").is_dir()  # the interrupted write, never published
     assert ck.verify_checkpoint(ckroot / "checkpoint-00000002") is None
     assert ck.find_latest_valid(ckroot) == ckroot / "checkpoint-00000002"
