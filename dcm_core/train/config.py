@@ -309,6 +309,20 @@ class ExportConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the work of one sample is split over processes (the processes themselves come from `accelerate launch`)."""
+
+    sequence_parallel: int = field(
+        default=1,
+        metadata=_help(
+            "Sequence parallelism: split each clip's tokens over this many processes (diffusers' Ulysses context "
+            "parallelism; Wan only, GPUs only). Must divide the process count, the heads and the clip's tokens; the data "
+            "is split over processes / sequence_parallel groups. 1: off. The official HunyuanVideo recipes used 4."
+        ),
+    )
+
+
+@dataclass
 class TrainConfig:
     """Complete configuration of one DCM training run (one stage)."""
 
@@ -334,6 +348,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_help("Logging section."))
     validation: ValidationConfig = field(default_factory=ValidationConfig, metadata=_help("Validation section."))
     export: ExportConfig = field(default_factory=ExportConfig, metadata=_help("Export section."))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata=_help("Parallelism section."))
 
     # ------------------------------------------------------------------ helpers
 
@@ -437,6 +452,8 @@ def validate(cfg: TrainConfig) -> None:
         bad("checkpoint", (cfg.checkpoint.every_steps, cfg.checkpoint.keep), "every_steps and keep must be ≥ 0.")
     if cfg.export.dtype not in ("fp32", "bf16", "fp16"):
         bad("export.dtype", cfg.export.dtype, "must be fp32, bf16 or fp16.")
+    if cfg.parallel.sequence_parallel < 1:
+        bad("parallel.sequence_parallel", cfg.parallel.sequence_parallel, "must be ≥ 1 (1: off).")
 
 
 # ---------------------------------------------------------------------------- (de)serialisation

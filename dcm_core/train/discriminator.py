@@ -100,6 +100,8 @@ class TeacherOutput:
     raw: list[torch.Tensor]
     decoded: list[torch.Tensor]
     grid: tuple[int, int, int]
+    #: the share of the clip's frames in ``raw`` / ``grid`` (1 unless sequence parallel)
+    share: float = 1.0
 
 
 class TeacherFeatures:
@@ -109,12 +111,18 @@ class TeacherFeatures:
         teacher: the frozen diffusers transformer (never modified).
         family: ``"wan"`` or ``"hunyuan_video"``.
         stride: a feature map after every ``stride``-th block (official 2).
+        split: under sequence parallelism (:mod:`.seqpar`), ``split(shards, grid) -> (maps, grid, share)``
+            maps the captured token shards ``[B, N/S, D]`` to the whole frames this process's discriminator
+            heads see, their grid and their share of all frames. The decoded (feature-matching) maps need
+            nothing: the teacher's own head decodes each shard and the context-parallel plan gathers the head's
+            output.
     """
 
-    def __init__(self, teacher: nn.Module, family: str, stride: int = 2) -> None:
+    def __init__(self, teacher: nn.Module, family: str, stride: int = 2, split: Any = None) -> None:
         self.teacher = teacher
         self.family = family
         self.stride = stride
+        self.split = split
         self.layers = feature_layer_indices(teacher, family, stride)
         if not self.layers:
             raise DCMConfigError(f"the teacher has no {family} feature blocks for the discriminator.")
@@ -161,16 +169,19 @@ class TeacherFeatures:
         missing = [i for i in self.layers if i not in store["feats"]]
         if missing or store["temb"] is None:
             raise RuntimeError(f"teacher feature hooks did not fire for blocks {missing}; is the teacher a diffusers model?")
-        raw = [store["feats"][i] for i in self.layers]
-        n_tokens = grid[0] * grid[1] * grid[2]
+        local = [store["feats"][i] for i in self.layers]
+        raw, d_grid, share = local, grid, 1.0
+        if self.split is not None:
+            raw, d_grid, share = self.split(local, grid)
+        n_tokens = d_grid[0] * d_grid[1] * d_grid[2]
         for r in raw:
             if r.shape[1] != n_tokens:
                 raise DCMConfigError(
                     f"teacher block output has {r.shape[1]} tokens but the latent {tuple(x.shape)} gives a "
-                    f"{grid[0]}×{grid[1]}×{grid[2]} = {n_tokens} token grid."
+                    f"{d_grid[0]}×{d_grid[1]}×{d_grid[2]} = {n_tokens} token grid."
                 )
-        decoded = [decode_features(self.teacher, self.family, r, store["temb"], grid) for r in raw]
-        return TeacherOutput(v, raw, decoded, grid)
+        decoded = [decode_features(self.teacher, self.family, r, store["temb"], grid) for r in local]
+        return TeacherOutput(v, raw, decoded, d_grid, share)
 
 
 class DiscriminatorHead(nn.Module):

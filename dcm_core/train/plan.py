@@ -16,6 +16,9 @@ Nothing is read from the model's weight files; everything is counted:
   model's blocks (``c`` — an attention matrix — is 0 with the fused attention kernels and dropped).
   With ``model.gradient_checkpointing`` a block keeps only its inputs (measured the same way with
   checkpointing on) plus, transiently, one block's activations in the backward's recomputation.
+  With ``parallel.sequence_parallel = S`` the blocks count ``tokens / S`` (each process's share; outside the
+  blocks the whole clip), the discriminator's features and heads ``ceil(T' / S)`` latent frames (each process
+  runs the heads on whole frames).
   Stage semantic: one student forward with grad (teacher and target run under ``no_grad``); stage
   detail: the student and the teacher on the fake sample with grad, the discriminator's feature maps of
   fake and real kept for the D step, the discriminator heads (measured the same way under autocast).
@@ -162,9 +165,11 @@ class Activations:
     #: per block kind: (count, (bytes, bytes per token), the same with checkpointing)
     blocks: list[tuple[int, tuple[float, float], tuple[float, float]]]
 
-    def at(self, n: int, checkpointing: bool) -> float:
+    def at(self, n: int, checkpointing: bool, outer: int | None = None) -> float:
+        """Bytes at ``n`` tokens through the blocks and ``outer`` (default ``n``) outside them (sequence parallelism:
+        the blocks see the process's share, the patch embedding and the gathered output the whole clip)."""
         body = sum(cnt * (f[0] + f[1] * n if not checkpointing else c[0] + c[1] * n) for cnt, f, c in self.blocks)
-        total = self.fixed + self.per_token * n + body
+        total = self.fixed + self.per_token * (n if outer is None else outer) + body
         if checkpointing:  # the backward recomputes one block at a time: the largest one's activations, transiently
             total += max(f[0] + f[1] * n for _, f, _ in self.blocks)
         return total
@@ -332,12 +337,17 @@ def make_plan(
     patch = config["patch_size"]
     grid = (t, h // patch[1], w // patch[2]) if family == FAMILY_WAN else (t // config.get("patch_size_t", 1), h // patch, w // patch)
     tokens = math.prod(grid)
+    sp = cfg.parallel.sequence_parallel
+    if num_gpus % sp:
+        raise DCMConfigError(f"parallel.sequence_parallel={sp} must divide --num-gpus {num_gpus}.")
+    local = -(-tokens // sp)  # the tokens each process's blocks see (sequence parallelism)
     b = cfg.data.batch_size
     title = (
         f"DCM {cfg.stage} stage, {family} ({sum(p.numel() for p in _meta_model(family, config, torch.float32).parameters()) / 1e6:,.1f}M "
         f"parameters, {n_train / 1e6:,.1f}M trainable), latent {c}x{t}x{h}x{w} = {tokens:,} tokens x batch {b}, "
         f"mixed_precision={cfg.mixed_precision}, gradient_checkpointing={str(m.gradient_checkpointing).lower()}, "
-        f"{num_gpus} process(es){' FSDP2' if fsdp and num_gpus > 1 else ' DDP' if num_gpus > 1 else ''}:"
+        f"{num_gpus} process(es){' FSDP2' if fsdp and num_gpus > 1 else ' DDP' if num_gpus > 1 else ''}"
+        f"{f', sequence parallel {sp} ({local:,} tokens per process)' if sp > 1 else ''}:"
     )
     plan = Plan(title, budget=gpu_memory_gb * GiB if gpu_memory_gb else None, trainable=n_train, tokens=tokens)
     plan.add("student weights (fp32)", student_bytes / shards, "sharded" if shards > 1 else "")
@@ -356,18 +366,22 @@ def make_plan(
     # activations of one optimiser micro-step
     act = activations(family, config, latent, text, act_dtype)
     ck = m.gradient_checkpointing
-    student_act = b * act.at(tokens, ck)
+    student_act = b * act.at(local, ck, tokens)
     plan.add("student activations", student_act, "checkpointed blocks" if ck else "all blocks kept")
     if detail:
-        t_act = b * (act.at(tokens, ck) if tdtype == act_dtype else activations(family, config, latent, text, tdtype).at(tokens, ck))
+        t_prof = act if tdtype == act_dtype else activations(family, config, latent, text, tdtype)
+        t_act = b * t_prof.at(local, ck, tokens)
         plan.add("teacher activations (G step on fake)", t_act, "checkpointed blocks" if ck else "all blocks kept")
         from .discriminator import feature_layer_indices
 
         dim = int(config["num_attention_heads"] * config["attention_head_dim"])
         n_feat = len(feature_layer_indices(student, family, cfg.disc.stride))
-        feat = 2 * b * n_feat * tokens * dim * torch.empty((), dtype=tdtype).element_size()
-        plan.add("discriminator features (fake + real)", feat, f"{n_feat} maps, kept for the D step")
-        d_params, d_act = discriminator_bytes(n_feat, dim, cfg.disc.inner_channels or DEFAULT_INNER_CHANNELS, grid, b, act_dtype)
+        # under sequence parallelism each process's heads see whole frames: at most ceil(T' / sp) of them
+        d_grid = (-(-grid[0] // sp), grid[1], grid[2])
+        feat = 2 * b * n_feat * math.prod(d_grid) * dim * torch.empty((), dtype=tdtype).element_size()
+        plan.add("discriminator features (fake + real)", feat,
+                 f"{n_feat} maps, kept for the D step" + (f", {d_grid[0]} of {grid[0]} frames" if sp > 1 else ""))
+        d_params, d_act = discriminator_bytes(n_feat, dim, cfg.disc.inner_channels or DEFAULT_INNER_CHANNELS, d_grid, b, act_dtype)
         plan.add("discriminator weights, grads, AdamW", d_params * 16, "fp32, replicated")
         plan.add("discriminator activations (fake + real)", d_act)
     if device == "cpu":

@@ -53,6 +53,7 @@ from .discriminator import Discriminator, TeacherFeatures
 from .losses import feature_matching, hinge_d_loss, hinge_g_loss, pseudo_huber, temporal_coherence
 from .models import Conditioning, StageModels, adapters_disabled, build_models, call_velocity
 from .parallel import Replicated, make_strategy
+from .seqpar import SequenceParallel
 from .solver import PCMSolver, cfg_velocity
 
 log = logging.getLogger("DCM.train")
@@ -190,6 +191,11 @@ class DCMTrainer:
         self.stage = cfg.stage
         self.solver = PCMSolver(cfg.stage, cfg.schedule.k0, cfg.schedule.shift, cfg.schedule.grid_steps)
         self.use_adv = cfg.stage == STAGE_DETAIL and cfg.loss.adv_weight > 0
+        # 1b. sequence parallelism (parallel.sequence_parallel): diffusers' context parallelism on the student and
+        #     teacher; the data and the per-sample randomness are then split over the sequence groups (.seqpar)
+        self.sp = SequenceParallel.create(acc, cfg.parallel.sequence_parallel, self.family)
+        if self.sp is not None:
+            self._enable_sequence_parallel()
 
         # 2. data order and the empty-caption embedding (CFG, caption dropout)
         self._build_data()
@@ -197,7 +203,8 @@ class DCMTrainer:
         self.features: TeacherFeatures | None = None
         self.disc: nn.Module | None = None
         if self.use_adv:
-            self.features = TeacherFeatures(self.models.teacher, self.family, cfg.disc.stride)
+            split = self.sp.discriminator_frames if self.sp is not None else None
+            self.features = TeacherFeatures(self.models.teacher, self.family, cfg.disc.stride, split=split)
             self.disc = Discriminator(self.features.num_features, self.features.feature_dim, cfg.disc.inner_channels)
         # 4. optimisers, LR schedule, EMA (on the sharded parameters when sharded: shard first)
         self._build_optimisers()
@@ -229,13 +236,35 @@ class DCMTrainer:
 
     # ------------------------------------------------------------------ set-up phases
 
+    def _enable_sequence_parallel(self) -> None:
+        from ..modeling import EXPERT_MODULES
+        from .discriminator import token_grid
+
+        sp, m = self.sp, self.models
+        shape = (1, *self.dataset[0].latent.shape)
+        grid = token_grid(m.student, self.family, shape)
+        tokens = math.prod(grid)
+        sp.check_model(m.student, tokens, f"latent {tuple(shape[1:])} of {self.cfg.data.path}", frames=grid[0])
+        sp.enable(m.student, EXPERT_MODULES[self.family])
+        if m.teacher is not None:
+            sp.enable(m.teacher)
+        log.info("sequence parallel: %d processes per clip (%d tokens each), %d data-parallel group(s)",
+                 sp.degree, tokens // sp.degree, sp.dp_size)
+
+    @property
+    def _dp(self) -> tuple[int, int]:
+        """(data-parallel size, this process's data-parallel rank): the processes, or the sequence groups."""
+        if self.sp is not None:
+            return self.sp.dp_size, self.sp.dp_rank
+        return self.accelerator.num_processes, self.accelerator.process_index
+
     def _build_data(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         self.data = DataStream(
             self.dataset,
             batch_size=cfg.data.batch_size,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
+            num_replicas=self._dp[0],
+            rank=self._dp[1],
             shuffle=cfg.data.shuffle,
             seed=cfg.seed,
             num_workers=cfg.data.num_workers,
@@ -289,12 +318,12 @@ class DCMTrainer:
         and draws from its own generator, seeded with j: a run with P processes × batch b draws exactly what one
         process with batch P·b draws (for b = 1 this is the former per-process seed).
         """
-        cfg, acc = self.cfg, self.accelerator
-        n_proc, rank = acc.num_processes, acc.process_index
+        cfg = self.cfg
+        n_proc, rank = self._dp  # under sequence parallelism every rank of a group draws the same
         self.slots = [i * n_proc + rank for i in range(cfg.data.batch_size)]
         self.gens = [torch.Generator().manual_seed(cfg.seed * 1000 + 17 + j) for j in self.slots]
         self.shared_gen = torch.Generator().manual_seed(cfg.seed * 1000 + 7)
-        self._seed_everything(cfg.seed + acc.process_index)
+        self._seed_everything(cfg.seed + rank)
 
     # ------------------------------------------------------------------ seeds / resume
 
@@ -447,7 +476,7 @@ class DCMTrainer:
         """
         accum = self.cfg.gradient_accumulation_steps
         logs: dict[str, float] = {}
-        stash: list[tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int, int]]] = []
+        stash: list[tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int, int], float]] = []
         self.optimizer.zero_grad(set_to_none=True)
 
         def add(key: str, value: torch.Tensor | float) -> None:
@@ -461,7 +490,8 @@ class DCMTrainer:
                 loss = self._generator_loss(draws, add, stash)  # 2-4
                 add("loss", loss)
                 add("sigma", draws.draw.sigma.mean())
-                self.accelerator.backward(loss / accum)  # 5
+                scale = self.sp.grad_scale if self.sp is not None else 1.0  # per-rank gradient shares (.seqpar)
+                self.accelerator.backward(loss * scale / accum)  # 5
         logs.update(self._update_generator())  # 6
         if stash:
             self._update_discriminator(stash, add, logs)  # 7
@@ -483,7 +513,7 @@ class DCMTrainer:
         draw = solver.index_draw(torch.cat([torch.randint(lo, hi, (1,), generator=g) for g in gens]))
         adv_all = adv_noise = None
         if self.use_adv:
-            adv_all = solver.draw_adv_index(acc.num_processes * len(gens), self.shared_gen)  # the global batch
+            adv_all = solver.draw_adv_index(self._dp[0] * len(gens), self.shared_gen)  # the global batch
             adv_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
         batch = batch.to(acc.device)
         x0 = to_model_space(batch.latents.float(), self.family)
@@ -504,13 +534,13 @@ class DCMTrainer:
             adv_index = self._share(d.adv_all)[torch.tensor(self.slots)]
             sigma_a = solver.adv_sigma(adv_index)
             fake, real = solver.adversarial_pair(pred, target, d.adv_noise.to(self.accelerator.device), sigma_a)
-            l_g, l_fm, raw_f, raw_r, grid = self._generator_adversarial(fake, real, sigma_a, d.cond)
+            l_g, l_fm, raw_f, raw_r, grid, share = self._generator_adversarial(fake, real, sigma_a, d.cond)
             adv = cfg.loss.gan_g_weight * l_g + cfg.loss.fm_weight * l_fm
             loss = loss + cfg.loss.adv_weight * adv
             add("loss_g", l_g)
             add("loss_fm", l_fm)
             add("sigma_adv", sigma_a.mean())
-            stash.append((raw_f, raw_r, grid))
+            stash.append((raw_f, raw_r, grid, share))
         return loss
 
     def _update_generator(self) -> dict[str, float]:
@@ -528,14 +558,17 @@ class DCMTrainer:
         acc = self.accelerator
         self.disc_unwrapped.requires_grad_(True)
         self.d_optimizer.zero_grad(set_to_none=True)
-        for i, (raw_f, raw_r, grid) in enumerate(stash):
+        scale = self.sp.grad_scale if self.sp is not None else 1.0  # per-rank gradient shares (.seqpar)
+        for i, (raw_f, raw_r, grid, share) in enumerate(stash):
             sync = contextlib.nullcontext() if i == len(stash) - 1 else self.strategy.no_sync(self.disc)
             with sync:
                 with acc.autocast():
                     logits_f = self.disc(raw_f, grid)
                     logits_r = self.disc(raw_r, grid)
                 l_d = hinge_d_loss(logits_f, logits_r)
-                acc.backward(l_d / len(stash))
+                if self.sp is not None:  # this process's frames → all frames
+                    l_d = self.sp.mean_over_group(l_d, share)
+                acc.backward(l_d * scale / len(stash))
             add("loss_d", l_d)
         d_norm = acc.clip_grad_norm_(self.disc.parameters(), self.cfg.optim.max_grad_norm)
         self.d_optimizer.step()
@@ -552,8 +585,9 @@ class DCMTrainer:
 
     def _generator_adversarial(
         self, fake: torch.Tensor, real: torch.Tensor, sigma_a: torch.Tensor, cond: Conditioning
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], tuple[int, int, int]]:
-        """Hinge-G and feature-matching terms; returns detached raw features for the D step.
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor], tuple[int, int, int], float]:
+        """Hinge-G and feature-matching terms; returns detached raw features for the D step (under sequence
+        parallelism: this process's frames, their grid and share of all frames).
 
         The teacher runs on ``fake`` WITH gradient (it flows through the frozen teacher into ŷ) and
         on ``real`` without; the discriminator is frozen for this part.
@@ -572,9 +606,11 @@ class DCMTrainer:
             l_fm = feature_matching(out_f.decoded, out_r.decoded)
             logits = self.disc_unwrapped(out_f.raw, out_f.grid)
         l_g = hinge_g_loss(logits)
+        if self.sp is not None:  # this process's frames → all frames
+            l_g = self.sp.mean_over_group(l_g, out_f.share)
         raw_f = [r.detach() for r in out_f.raw]
         raw_r = [r.detach() for r in out_r.raw]
-        return l_g, l_fm, raw_f, raw_r, out_f.grid
+        return l_g, l_fm, raw_f, raw_r, out_f.grid, out_f.share
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -671,7 +707,7 @@ class DCMTrainer:
     def validate(self) -> Path | None:
         """Sample validation latents with :func:`dcm_core.sampler.sample_dcm` (main process; under FSDP every
         process runs the same forwards, the sharded student needs them all)."""
-        if not self.is_main and not self.strategy.validate_on_all_processes:
+        if not self.is_main and not self.strategy.validate_on_all_processes and self.sp is None:
             return None
         from ..sampler import sample_dcm
 
