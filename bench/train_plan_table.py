@@ -1,6 +1,6 @@
 """The README's memory table: ``--plan`` of the shipped recipes at the official model shapes (no weights needed).
 
-    OMP_NUM_THREADS=1 python bench/train_plan_table.py [--num-gpus 8]
+    OMP_NUM_THREADS=1 python bench/train_plan_table.py [--num-gpus 8] [--sequence-parallel S] [--only wan]
 
 Random-shape stand-ins (``tiny:`` with the real widths / depths) give the same parameter counts and
 activation sizes as the released models; the shipped configs give everything else.
@@ -32,21 +32,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-gpus", type=int, default=8)
     ap.add_argument("--skip", type=int, default=0, help="skip the first SKIP rows (resume an interrupted table)")
+    ap.add_argument("--sequence-parallel", type=int, default=1, metavar="S", help="parallel.sequence_parallel (Wan only)")
+    ap.add_argument("--only", default="", help="rows whose model name contains this text (e.g. 14B)")
     args = ap.parse_args()
     from dcm_core.train.config import load_config
     from dcm_core.train.plan import GiB, make_plan
 
-    n = args.num_gpus
-    print(f"| model | clip | stage | tokens | per GPU, {n} GPUs FSDP2 | of which activations | 8×80 GB | 8×141 GB |")
+    n, sp = args.num_gpus, args.sequence_parallel
+    how = f"{n} GPUs FSDP2" + (f" + SP {sp}" if sp > 1 else "")
+    print(f"| model | clip | stage | tokens | per GPU, {how} | of which activations | 8×80 GB | 8×141 GB |")
     print("|---|---|---|---:|---:|---:|:---:|:---:|")
     row = 0
     for model, prefix, fam, tiny, res, sem_video, det_video in CASES:
+        if (sp > 1 and fam != "wan") or args.only not in model:
+            continue
         for stage, video in (("semantic", sem_video), ("detail", det_video)):
             row += 1
             if row <= args.skip:
                 continue
             cfg = load_config(str(ROOT / "dcm_core" / "train" / "configs" / f"{prefix}_{stage}.toml"),
-                              [f"model.pretrained=tiny:{fam}", f"model.tiny_config={tiny}"], stage=stage)
+                              [f"model.pretrained=tiny:{fam}", f"model.tiny_config={tiny}",
+                               f"parallel.sequence_parallel={sp}"], stage=stage)
             plan = make_plan(cfg, num_gpus=n, video=video)
             act = sum(b for name, b, _ in plan.items if "activations" in name or "features" in name)
             tokens = plan.title.split(" = ")[1].split(" tokens")[0]

@@ -340,6 +340,8 @@ def make_plan(
     sp = cfg.parallel.sequence_parallel
     if num_gpus % sp:
         raise DCMConfigError(f"parallel.sequence_parallel={sp} must divide --num-gpus {num_gpus}.")
+    if sp > 1 and family != FAMILY_WAN:
+        raise DCMConfigError(f"parallel.sequence_parallel={sp}: the trainer supports sequence parallelism for Wan only.")
     local = -(-tokens // sp)  # the tokens each process's blocks see (sequence parallelism)
     b = cfg.data.batch_size
     title = (
