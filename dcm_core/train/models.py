@@ -264,7 +264,12 @@ def load_transformer(
             keys = _safetensors_keys(weights)
             if _is_combined_official(keys):
                 return _from_state_dict(cls, config, semantic_state_dict(_read_safetensors(weights)), weights)
-        model = cls.from_pretrained(str(d), torch_dtype=torch.float32)
+        if not (weights.is_file() or (d / f"{TRANSFORMER_WEIGHTS}.index.json").is_file()):
+            raise DCMFileNotFoundError(
+                f"{d} has no {TRANSFORMER_WEIGHTS} (or its .index.json for sharded weights); only safetensors weights "
+                f"are read. Download the complete model folder."
+            )
+        model = cls.from_pretrained(str(d), torch_dtype=torch.float32, use_safetensors=True)
         return model.float().train()
     if p.is_file():
         cfg_file = Path(config_path) if config_path else p.with_name("config.json")
