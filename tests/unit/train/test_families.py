@@ -55,7 +55,7 @@ def _changed(before: dict, m: torch.nn.Module) -> set[str]:
     return {k for k, v in before.items() if not torch.equal(v, after[k].detach().float())}
 
 
-@pytest.mark.parametrize("kind", ["i2v", "ti2v", "a14b-t2v"])
+@pytest.mark.parametrize("kind", ["i2v", "ti2v", "a14b-t2v", "a14b-i2v"])
 def test_family_trains_both_stages_and_exports(kind, tmp_path):
     from dcm_core.train.config import load_config
     from dcm_core.train.trainer import DCMTrainer
@@ -75,17 +75,20 @@ def test_family_trains_both_stages_and_exports(kind, tmp_path):
         assert torch.allclose(it.image_latent, it.latent[:, :1], atol=1e-5)
     elif kind == "i2v":
         assert it.image_latent.shape == it.latent.shape and it.clip_feature.shape == (5, 1280)
+    elif kind == "a14b-i2v":  # 36-channel pair: the image latent, no CLIP features (no image embedder)
+        assert it.image_latent.shape == it.latent.shape and it.clip_feature is None
     else:
         assert it.image_latent is None
     two = base.two_transformers
+    k0, b = {875.0: (14, "875"), 900.0: (17, "900")}.get(base.boundary_timestep, (35, None))
 
     # stage 1
     cfg = load_config(None, _overrides(model, data, tmp_path / "sem"), stage="semantic")
     tr = DCMTrainer(cfg)
     if two:
-        assert tr.cfg.schedule.k0 == 14 and tr.cfg.schedule.boundary_timestep == 875.0
+        assert tr.cfg.schedule.k0 == k0 and tr.cfg.schedule.boundary_timestep == base.boundary_timestep
         assert tr.models.teacher_other is None  # every semantic teacher call lies above the boundary
-    assert tr.image_mode == {"i2v": "concat", "ti2v": "first_frame"}.get(kind, "none")
+    assert tr.image_mode == {"i2v": "concat", "a14b-i2v": "concat", "ti2v": "first_frame"}.get(kind, "none")
     teacher0 = _snapshot(tr.models.teacher)
     student0 = _snapshot(tr.models.student)
     res = tr.train()
@@ -104,7 +107,7 @@ def test_family_trains_both_stages_and_exports(kind, tmp_path):
         meta = read_header(sem_file).metadata
         assert inspect_file(sem_file).kind == "dcm_semantic"
         assert (meta["dcm.base"], meta["dcm.task"], meta["dcm.expert_base"], meta["dcm.boundary_timestep"]) == (
-            base_id, base.task, HIGH_NOISE, "875")
+            base_id, base.task, HIGH_NOISE, b)
     else:
         assert set(res.exported) == {"transformer"}
 
@@ -119,7 +122,7 @@ def test_family_trains_both_stages_and_exports(kind, tmp_path):
 
         stock_low = load_file(str(model / "transformer_2" / "diffusion_pytorch_model.safetensors"))
         assert all(torch.equal(stock_low[k], teacher0[k]) for k in stock_low)  # the teacher is transformer_2/
-        assert tr2.models.teacher_other is None and tr2.cfg.schedule.k0 == 14
+        assert tr2.models.teacher_other is None and tr2.cfg.schedule.k0 == k0
     res2 = tr2.train()
     assert not _changed(teacher0, tr2.models.teacher)
     changed = _changed(student0, tr2.models.student)
@@ -136,12 +139,21 @@ def test_family_trains_both_stages_and_exports(kind, tmp_path):
     assert inspect_file(files["detail_expert"]).kind == "dcm_detail_expert"
     assert det_meta["dcm.base"] == base_id and det_meta["dcm.task"] == base.task
     if two:
-        assert det_meta["dcm.expert_base"] == LOW_NOISE and det_meta["dcm.boundary_timestep"] == "875"
+        assert det_meta["dcm.expert_base"] == LOW_NOISE and det_meta["dcm.boundary_timestep"] == b
     else:
         assert "dcm.expert_base" not in det_meta
         assert read_header(files["semantic"]).metadata["dcm.base"] == base_id
     info = json.loads((tmp_path / "det" / "export" / "export_info.json").read_text())
     assert info["base"] == base_id
+    # `python -m dcm_core export RUN` rebuilds the student from the run folder and writes the same files
+    from dcm_core.formats import load_state_dict
+    from dcm_core.train.export import export_run
+
+    again = export_run(tmp_path / "det", out_dir=tmp_path / "again")
+    assert set(again) == set(files)
+    for what in files:
+        a, b2 = load_state_dict(files[what]), load_state_dict(again[what])
+        assert a.keys() == b2.keys() and all(torch.equal(a[k], b2[k]) for k in a), what
 
 
 # ---------------------------------------------------------------------------- conditioning arithmetic
@@ -250,3 +262,16 @@ def test_latent_format_from_the_vae_config(tmp_path):
         fmt.to_model_space(torch.randn(1, 16, 2, 3, 3))
     with pytest.raises(DCMConfigError, match="latents_mean / latents_std"):
         LatentFormat.from_vae_config({"z_dim": 48}, "wan", "x/vae/config.json")
+
+
+def test_text_dropout_and_uncond_keep_the_image(tmp_path):
+    """Caption dropout and the CFG unconditional replace the text and keep the image conditioning."""
+    from dcm_core.train.data import Batch, apply_caption_dropout
+
+    img, clip = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 5, 1280)
+    b = Batch(torch.randn(2, 16, 3, 4, 4), torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool), torch.arange(2),
+              ["a", "b"], img, clip)  # fmt: skip
+    uncond = (torch.zeros(4, 8), torch.tensor([True, False, False, False]))
+    out, drop = apply_caption_dropout(b, uncond, 1.0, None, u=torch.tensor([0.0, 0.0]))
+    assert drop.all() and torch.equal(out.prompt_embeds, torch.zeros(2, 4, 8))
+    assert out.image_latents is img and out.clip_features is clip
