@@ -333,7 +333,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Rebuild the trained student of RUN_DIR from its config.json and newest valid checkpoint and write "
             "RUN_DIR/export/: transformer/ (diffusers; official DCM combined layout for the detail stage) and, for the "
-            "detail stage, NAME_semantic.safetensors + NAME_detail_expert.safetensors for ComfyUI."
+            "detail stage, NAME_semantic.safetensors + NAME_detail_expert.safetensors for ComfyUI. A Wan2.2 A14B pair: "
+            "stage 1 writes NAME_semantic (the high-noise student), stage 2 NAME_detail_expert only (onto the stock "
+            "low-noise model)."
         ),
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the training run folder (train's output_dir)")
