@@ -401,6 +401,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 #: How an image conditions the transformer: not at all, Wan I2V's channel concatenation (4 mask channels + the
 #: image latent), or Wan2.2 TI2V's clean first latent frame with per-token timesteps (diffusers ``expand_timesteps``).
 IMAGE_NONE, IMAGE_CONCAT, IMAGE_FIRST_FRAME = "none", "concat", "first_frame"
+#: Text length a Wan model with an image embedder needs (diffusers splits its context at ``len − 512``).
+WAN_I2V_TEXT_TOKENS = 512
 
 
 @dataclass
@@ -417,7 +419,8 @@ class Conditioning:
 
     * ``image`` [B, 4 + C, T, H, W] (I2V, ``in_channels = 2C + 4``): the mask (1 on the first latent frame) and the
       normalised image latent, concatenated after the noisy latent on the channel axis in every forward;
-    * ``image_embeds`` [B, N, D]: CLIP image features for a model with an image embedder (Wan2.1 I2V);
+    * ``image_embeds`` [B, N, D]: CLIP image features for a model with an image embedder (Wan2.1 I2V); the text is
+      then zero-padded to 512 tokens (:meth:`padded_text`);
     * ``first_frame`` [B, C, 1, H, W] (TI2V): the clean normalised first latent frame. It replaces frame 0 of the
       input, whose tokens get timestep 0; the velocity returned there is 0, so every flow step keeps it clean.
 
@@ -453,6 +456,8 @@ class Conditioning:
 
         if mode == IMAGE_NONE:
             return self
+        if image_embeds is not None:
+            self = self.padded_text(WAN_I2V_TEXT_TOKENS)
         if mode == IMAGE_CONCAT:
             b, _, t, h, w = image_latent.shape
             mask = torch.zeros(b, 4, t, h, w, device=image_latent.device, dtype=image_latent.dtype)
@@ -461,6 +466,29 @@ class Conditioning:
         if mode == IMAGE_FIRST_FRAME:
             return dataclasses.replace(self, first_frame=image_latent[:, :, :1], image_embeds=image_embeds)
         raise DCMConfigError(f"internal: unknown image mode {mode!r}")
+
+    def padded_text(self, length: int) -> "Conditioning":
+        """The text zero-padded to ``length`` tokens (mask False there), as the Wan pipelines pad it.
+
+        diffusers' Wan attention with an image embedder takes the image tokens to be everything before the LAST 512
+        context tokens (``encoder_hidden_states.shape[1] - 512``, hard-coded for the umT5 length): the text must be
+        exactly 512 tokens, as ``WanImageToVideoPipeline`` always gives it (zeros after the true length).
+        """
+        import dataclasses
+
+        n = self.context.shape[1]
+        if n == length:
+            return self
+        if n > length:
+            raise DCMConfigError(
+                f"the text embeddings have {n} tokens; a Wan model with an image embedder takes exactly {length} "
+                f"(re-run preprocess with --max-text-tokens {length} or less)."
+            )
+        ctx = torch.zeros(self.context.shape[0], length, self.context.shape[2], dtype=self.context.dtype, device=self.context.device)
+        ctx[:, :n] = self.context
+        mask = torch.zeros(self.mask.shape[0], length, dtype=self.mask.dtype, device=self.mask.device)
+        mask[:, : self.mask.shape[1]] = self.mask
+        return dataclasses.replace(self, context=ctx, mask=mask)
 
     def select(self, idx: torch.Tensor) -> "Conditioning":
         """The conditioning of the samples ``idx`` (per-call teacher routing splits a batch)."""

@@ -178,10 +178,12 @@ def test_i2v_forward_is_the_pipeline_forward():
     v = call_velocity(m, m, x, sigma, cond)
     mask = torch.zeros(2, 4, 3, 4, 4)
     mask[:, :, 0] = 1
+    text512 = torch.cat([text, torch.zeros(2, 507, 4096)], 1)  # the pipeline's text: 512 tokens, zeros after the end
     with torch.no_grad():
-        ref = m(hidden_states=torch.cat([x, mask, img], 1), timestep=sigma * 1000, encoder_hidden_states=text,
+        ref = m(hidden_states=torch.cat([x, mask, img], 1), timestep=sigma * 1000, encoder_hidden_states=text512,
                 encoder_hidden_states_image=clip, return_dict=False)[0]  # fmt: skip
     assert torch.allclose(v, ref, atol=1e-6)
+    assert cond.context.shape[1] == 512 and cond.mask[:, 5:].sum() == 0
 
 
 def test_ti2v_first_frame_and_per_token_timesteps():
