@@ -13,7 +13,12 @@
     (LoRA ``lora1`` r128/α256 + ``*_lora`` embedder/head copies; everything else frozen);
     teacher = the original pretrained model, frozen.
 * :class:`Conditioning` turns dataset text tensors into the keyword arguments of the family's
-  forward (HunyuanVideo: CLIP pooled vector in token 0, attention mask, embedded guidance).
+  forward (HunyuanVideo: CLIP pooled vector in token 0, attention mask, embedded guidance) and carries the image
+  conditioning of image-to-video bases (Wan I2V: mask + image latent on the channel axis, CLIP features; Wan2.2
+  TI2V: a clean first latent frame with per-token timesteps), which :func:`call_velocity` adds to every forward.
+* :func:`load_pretrained` reads a Wan2.2 A14B folder's two transformers (``transformer/`` high noise,
+  ``transformer_2/`` low noise) and ``boundary_ratio``; :class:`StageModels` routes the teacher per call
+  (semantic stage: student = the high-noise transformer; detail stage: the detail expert on the low-noise one).
 """
 
 from __future__ import annotations
