@@ -277,3 +277,25 @@ def test_text_dropout_and_uncond_keep_the_image(tmp_path):
     out, drop = apply_caption_dropout(b, uncond, 1.0, None, u=torch.tensor([0.0, 0.0]))
     assert drop.all() and torch.equal(out.prompt_embeds, torch.zeros(2, 4, 8))
     assert out.image_latents is img and out.clip_features is clip
+
+
+def test_what_stays_unsupported_is_refused_with_the_fix(tmp_path, th):
+    """A dataset made for another model, a pair detail stage given a semantic expert, an adversarial range above a
+    pair's boundary: each is refused before training, naming the file or key and the fix."""
+    from dcm_core.errors import DCMConfigError
+    from dcm_core.train.config import load_config
+    from dcm_core.train.trainer import DCMTrainer
+
+    t2v_data = th.make_dataset(tmp_path / "t2v_data", "wan", n=2)  # 16 channels, no image latents
+    i2v = save_tiny_model_folder(tmp_path / "i2v", "i2v")
+    with pytest.raises(DCMConfigError, match="no image latents. Re-run preprocess"):
+        DCMTrainer(load_config(None, _overrides(i2v, t2v_data, tmp_path / "r1"), stage="semantic"))
+    ti2v = save_tiny_model_folder(tmp_path / "ti2v", "ti2v")
+    with pytest.raises(DCMConfigError, match="latents have 16 channels .* outputs 48"):
+        DCMTrainer(load_config(None, _overrides(ti2v, t2v_data, tmp_path / "r2"), stage="semantic"))
+    pair = save_tiny_model_folder(tmp_path / "a14b", "a14b-t2v")
+    with pytest.raises(DCMConfigError, match="model.semantic_expert=.*leave model.semantic_expert empty"):
+        DCMTrainer(load_config(None, _overrides(pair, t2v_data, tmp_path / "r3", model__semantic_expert=str(i2v)),
+                               stage="detail"))  # fmt: skip
+    with pytest.raises(DCMConfigError, match="schedule.k0=20: the detail stage's adversarial noise levels"):
+        DCMTrainer(load_config(None, _overrides(pair, t2v_data, tmp_path / "r4", schedule__k0=20), stage="detail"))
