@@ -299,3 +299,27 @@ def test_what_stays_unsupported_is_refused_with_the_fix(tmp_path, th):
                                stage="detail"))  # fmt: skip
     with pytest.raises(DCMConfigError, match="schedule.k0=20: the detail stage's adversarial noise levels"):
         DCMTrainer(load_config(None, _overrides(pair, t2v_data, tmp_path / "r4", schedule__k0=20), stage="detail"))
+
+
+@pytest.mark.parametrize("kind", ["ti2v", "a14b-i2v"])
+def test_family_detail_run_resumes_bit_identically(kind, tmp_path):
+    """3 detail steps straight == 2 steps, then ``--resume latest`` for the third (image conditioning, pair routing)."""
+    from safetensors.torch import load_file
+
+    from dcm_core.train.config import load_config
+    from dcm_core.train.trainer import DCMTrainer
+
+    model, data = _folder_and_data(tmp_path, kind)
+
+    def run(out: Path, steps: int, resume: str | None = None) -> None:
+        ov = _overrides(model, data, out, max_train_steps=steps, checkpoint__every_steps=1, export__at_end="false",
+                        data__caption_dropout=0.5)  # fmt: skip
+        DCMTrainer(load_config(None, ov, stage="detail"), resume=resume).train()
+
+    run(tmp_path / "straight", 3)
+    run(tmp_path / "resumed", 2)
+    run(tmp_path / "resumed", 3, resume="latest")
+    for name in ("trainable.safetensors", "discriminator.safetensors"):
+        a = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-00000003" / name))
+        b = load_file(str(tmp_path / "resumed" / "checkpoints" / "checkpoint-00000003" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
