@@ -89,6 +89,15 @@ def test_family_trains_both_stages_and_exports(kind, tmp_path):
         assert tr.cfg.schedule.k0 == k0 and tr.cfg.schedule.boundary_timestep == base.boundary_timestep
         assert tr.models.teacher_other is None  # every semantic teacher call lies above the boundary
     assert tr.image_mode == {"i2v": "concat", "a14b-i2v": "concat", "ti2v": "first_frame"}.get(kind, "none")
+    if tr.image_mode != "none":  # the CFG unconditional drops the text and keeps the image
+        from dcm_core.train.data import collate
+
+        b = collate([ds[0]])
+        c, u = tr._cond(b), tr._uncond_batch(b)
+        for part in ("image", "image_embeds", "first_frame"):
+            assert (getattr(c, part) is None) == (getattr(u, part) is None)
+            assert getattr(c, part) is None or torch.equal(getattr(c, part), getattr(u, part))
+        assert not torch.equal(c.context, u.context)
     teacher0 = _snapshot(tr.models.teacher)
     student0 = _snapshot(tr.models.student)
     res = tr.train()
