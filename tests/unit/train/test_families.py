@@ -92,8 +92,8 @@ def test_family_trains_both_stages_and_exports(kind, tmp_path):
     if tr.image_mode != "none":  # the CFG unconditional drops the text and keeps the image
         from dcm_core.train.data import collate
 
-        b = collate([ds[0]])
-        c, u = tr._cond(b), tr._uncond_batch(b)
+        one = collate([ds[0]])
+        c, u = tr._cond(one), tr._uncond_batch(one)
         for part in ("image", "image_embeds", "first_frame"):
             assert (getattr(c, part) is None) == (getattr(u, part) is None)
             assert getattr(c, part) is None or torch.equal(getattr(c, part), getattr(u, part))
