@@ -51,59 +51,27 @@ class Base:
     two_transformers: bool = False
     boundary_timestep: float | None = None  # the base's own high/low switch (two-transformer bases)
     image_embedder: bool = False  # CLIP image features go into the transformer
-    dim: int | None = None  # transformer width (heads × head_dim) of the released model
+    dim: int | None = None  # transformer width of the released model (None: not checked)
+    num_layers: int | None = None  # transformer blocks of the released model
 
     @property
-    def boundary_ratio(self) -> float | None:
-        """diffusers' ``boundary_ratio`` (``boundary_timestep / 1000``) of a two-transformer base."""
-        return None if self.boundary_timestep is None else self.boundary_timestep / 1000.0
+    def expert_bases(self) -> tuple[str, ...]:
+        """The transformers an expert of this base can belong to (two-transformer bases only)."""
+        return EXPERT_BASES if self.two_transformers else ()
 
 
 BASES: dict[str, Base] = {
     b.id: b
     for b in (
-        Base("wan2.1-t2v-1.3b", FAMILY_WAN, TASK_T2V, "Wan2.1 T2V 1.3B", 16, 16, dim=1536),
-        Base("wan2.1-t2v-14b", FAMILY_WAN, TASK_T2V, "Wan2.1 T2V 14B", 16, 16, dim=5120),
-        Base("wan2.1-i2v-14b", FAMILY_WAN, TASK_I2V, "Wan2.1 I2V 14B", 36, 16, image_embedder=True, dim=5120),
-        Base("wan2.2-ti2v-5b", FAMILY_WAN, TASK_TI2V, "Wan2.2 TI2V 5B", 48, 48, dim=3072),
-        Base("wan2.2-t2v-a14b", FAMILY_WAN, TASK_T2V, "Wan2.2 T2V A14B", 16, 16, True, 875.0, dim=5120),
-        Base("wan2.2-i2v-a14b", FAMILY_WAN, TASK_I2V, "Wan2.2 I2V A14B", 36, 16, True, 900.0, dim=5120),
-        Base("hunyuan-t2v", FAMILY_HUNYUAN, TASK_T2V, "HunyuanVideo T2V", 16, 16, dim=3072),
+        Base("wan2.1-t2v-1.3b", FAMILY_WAN, TASK_T2V, "Wan2.1 T2V 1.3B", 16, 16, dim=1536, num_layers=30),
+        Base("wan2.1-t2v-14b", FAMILY_WAN, TASK_T2V, "Wan2.1 T2V 14B", 16, 16, dim=5120, num_layers=40),
+        Base("wan2.1-i2v-14b", FAMILY_WAN, TASK_I2V, "Wan2.1 I2V 14B", 36, 16, image_embedder=True, dim=5120, num_layers=40),
+        Base("wan2.2-ti2v-5b", FAMILY_WAN, TASK_TI2V, "Wan2.2 TI2V 5B", 48, 48, dim=3072, num_layers=30),
+        Base("wan2.2-t2v-a14b", FAMILY_WAN, TASK_T2V, "Wan2.2 T2V A14B", 16, 16, True, 875.0, dim=5120, num_layers=40),
+        Base("wan2.2-i2v-a14b", FAMILY_WAN, TASK_I2V, "Wan2.2 I2V A14B", 36, 16, True, 900.0, dim=5120, num_layers=40),
+        Base("hunyuan-t2v", FAMILY_HUNYUAN, TASK_T2V, "HunyuanVideo T2V", 16, 16, dim=3072, num_layers=20),
     )
 }
 
 #: ``DCM Dual-Expert Sampler`` boundary presets for two-model bases (ComfyUI timestep convention).
 WAN22_BOUNDARY = {TASK_T2V: 875.0, TASK_I2V: 900.0}
-
-
-def base_for(
-    family: str,
-    in_channels: int,
-    out_channels: int,
-    *,
-    image_embedder: bool = False,
-    two_transformers: bool = False,
-    dim: int | None = None,
-) -> Base | None:
-    """The base whose transformer layout matches (channels, image embedder, one or two transformers).
-
-    Several bases share a layout (Wan2.1 T2V 1.3B / 14B): the one whose ``dim`` equals ``dim`` is taken, else the
-    first listed (a tiny test model of that layout is labelled with it). ``None`` when no base has the layout.
-    """
-    cands = [
-        b
-        for b in BASES.values()
-        if b.family == family
-        and b.in_channels == int(in_channels)
-        and b.latent_channels == int(out_channels)
-        and b.image_embedder == bool(image_embedder)
-        and b.two_transformers == bool(two_transformers)
-    ]
-    if not cands:
-        return None
-    return next((b for b in cands if dim is not None and b.dim == int(dim)), cands[0])
-
-
-def image_channels(base: Base) -> int:
-    """Channels concatenated to the noisy latent for image conditioning (Wan I2V: 4 mask + 16 image latent)."""
-    return base.in_channels - base.latent_channels if base.task == TASK_I2V else 0

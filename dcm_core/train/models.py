@@ -172,10 +172,36 @@ def check_transformer_config(config: dict, where: Path) -> None:
         )
 
 
+def base_for(
+    family: str,
+    in_channels: int,
+    out_channels: int,
+    *,
+    image_embedder: bool = False,
+    two_transformers: bool = False,
+    dim: int | None = None,
+):
+    """The :class:`dcm_core.families.Base` whose transformer layout matches (channels, image embedder, one or two
+    transformers), or ``None``. Several bases share a layout (Wan2.1 T2V 1.3B / 14B): the one whose ``dim`` equals
+    ``dim`` is taken, else the first listed (a tiny test model of that layout is labelled with it)."""
+    from ..families import BASES
+
+    cands = [
+        b
+        for b in BASES.values()
+        if b.family == family
+        and b.in_channels == int(in_channels)
+        and b.latent_channels == int(out_channels)
+        and b.image_embedder == bool(image_embedder)
+        and b.two_transformers == bool(two_transformers)
+    ]
+    if not cands:
+        return None
+    return next((b for b in cands if dim is not None and b.dim == int(dim)), cands[0])
+
+
 def base_of(model: nn.Module, *, two_transformers: bool = False):
     """The :class:`dcm_core.families.Base` whose layout the transformer has (``None`` if no base matches)."""
-    from ..families import base_for
-
     c = model.config
     dim = int(getattr(c, "num_attention_heads", 0) * getattr(c, "attention_head_dim", 0)) or None
     fam = family_of_model(model)

@@ -220,8 +220,8 @@ class TextEncoder:
 
 def image_plan(model_dir: Path, family: str) -> tuple[str, bool]:
     """``(image mode, needs CLIP features)`` of a model folder, from its transformer config (no weights read)."""
-    from ..families import TASK_TI2V, base_for
-    from .models import IMAGE_CONCAT, IMAGE_FIRST_FRAME, IMAGE_NONE, _read_json, two_transformer_boundary
+    from ..families import TASK_TI2V
+    from .models import IMAGE_CONCAT, IMAGE_FIRST_FRAME, IMAGE_NONE, _read_json, base_for, two_transformer_boundary
 
     cfg_path = model_dir / "transformer" / "config.json"
     if family != FAMILY_WAN or not cfg_path.is_file():
