@@ -34,6 +34,13 @@ BOUNDARY = (
     "Two-model bases (Wan2.2 A14B: high-noise model as semantic_model, low-noise model as detail_model): 875 for "
     "T2V, 900 for I2V, Wan2.2's own switch points."
 )
+BOUNDARY_PRESET = (
+    "Optional boundary preset; anything but 'manual' replaces boundary_timestep (routing and the "
+    "per-expert-uniform preset both use it). Wan2.2 A14B's own switch points, ComfyUI timestep convention "
+    "t = 1000·sigma: 875 for T2V, 900 for I2V (Wan2.2's boundary_ratio 0.875 / 0.900); 978 / 981 are DCM's "
+    "Wan2.1 / HunyuanVideo values. Schedule rule: a step whose floor(1000·sigma) ≤ boundary runs on detail_model "
+    "(the low-noise model of a Wan2.2 pair), every other step on semantic_model (the high-noise model)."
+)
 CFG_SEMANTIC = "Classifier-free guidance for the semantic expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
 CFG_DETAIL = "Classifier-free guidance for the detail expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
 PRESET = (
