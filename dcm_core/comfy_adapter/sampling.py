@@ -291,10 +291,21 @@ def keep_unmasked(x: torch.Tensor, latent_image: torch.Tensor, denoise_mask: tor
     as is would make the second segment keep ``x_k/(1−σ_k)`` there — the start frame plus noise — which is what a
     stock two-sampler chain does to a TI2V latent. Putting the input back keeps the frame clean (the flow-Euler
     step then leaves it on its noise-free line and it ends exactly at the input); the regions being generated
-    are handed over unchanged."""
-    import comfy.sampler_helpers
+    are handed over unchanged.
 
-    m = comfy.sampler_helpers.prepare_mask(denoise_mask, x.shape, x.device).to(x.dtype)
+    Applied when the mask has the latent's rank and broadcasts to it (Wan22ImageToVideoLatent's
+    ``[batch, 1, frames, h, w]``); a mask of another shape (a pixel-space inpaint mask) is left to ComfyUI as a
+    stock chain would, with a log line."""
+    m = denoise_mask
+    try:
+        if m.ndim != x.ndim:
+            raise RuntimeError
+        torch.broadcast_shapes(tuple(m.shape), tuple(x.shape))
+    except RuntimeError:
+        log.info("%s: noise mask %s does not broadcast to the latent %s; handed over as is", SAMPLER_NODE,
+                 list(m.shape), list(x.shape))
+        return x
+    m = m.to(device=x.device, dtype=x.dtype)
     return x * m + latent_image.to(x) * (1.0 - m)
 
 
