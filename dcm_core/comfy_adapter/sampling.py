@@ -147,10 +147,15 @@ def check_latent(model: Any, latent_image: torch.Tensor, *, node: str) -> None:
     dims = int(getattr(fmt, "latent_dimensions", 2))
     if latent_image.ndim != dims + 2 or latent_image.shape[1] != want:
         shape = list(latent_image.shape)
-        expect = f"[batch, {want}, frames, height/8, width/8]" if dims == 3 else f"[batch, {want}, height/8, width/8]"
+        down = 16 if want == 48 else 8  # the Wan2.2 VAE (48 channels) compresses 16× in space
+        expect = f"[batch, {want}, frames, height/{down}, width/{down}]" if dims == 3 else f"[batch, {want}, height/8, width/8]"
+        maker = (
+            "Wan22ImageToVideoLatent (the Wan2.2 TI2V 5B latent)" if want == 48
+            else "EmptyHunyuanLatentVideo (or WanImageToVideo's latent, or the matching VAE's encoder)"
+        )
         raise DCMSamplingError(
             f"{node}: latent_image has shape {shape} but the {family_label(family_of(model))} model expects "
-            f"{expect}. Use EmptyHunyuanLatentVideo (or the matching VAE's encoder) to make the latent."
+            f"{expect}. Use {maker} to make the latent."
         )
     if not bool(torch.isfinite(latent_image).all()):
         n_bad = int((~torch.isfinite(latent_image)).sum())

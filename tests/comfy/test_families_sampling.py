@@ -331,3 +331,25 @@ def test_boundary_preset_is_validated(dcm):
     msg = dcm.sampling().boundary_preset_problem("wan2.3 (950)")
     assert msg and "manual" in msg and "wan2.2-i2v-a14b (900)" in msg
     assert dcm.sampling().boundary_preset_problem("wan2.2-t2v-a14b (875)") is None
+
+
+@pytest.mark.parametrize("expert,want", [
+    ("dcm_i2v", r"is a i2v DCM expert .*is a t2v model \(16 input channels"),
+    ("dcm_ti2v", r"is a ti2v DCM expert .*Wan22ImageToVideoLatent"),
+])
+def test_expert_loader_refuses_an_expert_of_another_task(dcm, files, expert, want):
+    """DCM Expert LoRA Loader (the user path): an I2V / TI2V-5B detail expert on a text-to-video model stops
+    the run with the named error and the fix, before any sampling."""
+    import re
+
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": dcm.families["wan"].semantic, "weight_dtype": "default"}},
+        "2": {"class_type": "DCMExpertLoraLoader", "inputs": {"model": ["1", 0], "lora_name": files[expert][1], "strength": 1.0}},
+        "3": {"class_type": "DCMTestModelInfo", "inputs": {"model": ["2", 0], "key": "refused"}},
+    }
+    res = dcm.h.run(p)
+    assert not res.success
+    text = res.error_text()
+    assert "DCMIncompatibleModelError" in text or "DCM Expert LoRA Loader" in text, text
+    assert re.search(want, text, re.S), text
+
