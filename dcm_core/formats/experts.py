@@ -564,6 +564,14 @@ def load_experts(
         return load_official(path, dtype=dtype, header=header, info=info)
     if info.kind == KIND_SEMANTIC:
         partner = info.metadata.get("dcm.detail_expert")
+        if not partner and info.expert_base == fm.HIGH_NOISE:
+            raise DCMUnsupportedFileError(
+                f"{header.path} is the DCM semantic expert of Wan2.2's high-noise transformer "
+                f"({fm.describe_base(info.base) if info.base else 'a Wan2.2 A14B base'}); its detail expert belongs to "
+                f"the other transformer. Load this file with Load Diffusion Model (UNETLoader) as semantic_model, the "
+                f"stock low-noise model + its DCM detail expert (DCM Expert LoRA Loader) as detail_model, and sample "
+                f"with DCM Dual-Expert Sampler (boundary preset {info.boundary_timestep:g})."
+            )
         if not partner:
             raise DCMFormatError(
                 f"{header.path} is a DCM semantic expert but its metadata does not name a detail expert "

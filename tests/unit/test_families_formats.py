@@ -213,3 +213,12 @@ def test_expert_files_keep_float_tensors(tmp_path):
     det = _detail(res.detail_path)
     assert det.patches["diffusion_model.head.head.diff"].shape[0] == 48 * 4
     assert all(t.dtype == torch.float32 for t in det.patches.values())
+
+
+def test_a14b_high_noise_semantic_without_partner_points_to_the_two_model_wiring(tmp_path):
+    """The A14B semantic expert (high-noise) has no detail partner of its own: the DCM loader says how to wire the
+    pair instead of a generic 'no detail expert named' error."""
+    res = _pair(tmp_path, "i2v_a14b", {"dcm.base": "wan2.2-i2v-a14b", "dcm.expert_base": "high_noise"}, name="hi")
+    _relabel(res.semantic_path, **{"dcm.detail_expert": None})
+    with pytest.raises(DCMUnsupportedFileError, match=r"high-noise transformer .*UNETLoader\) as semantic_model.*boundary preset 900"):
+        load_experts(res.semantic_path)
