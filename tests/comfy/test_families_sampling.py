@@ -201,9 +201,9 @@ def test_lora_on_each_expert_changes_the_result_and_stays_on_its_model(dcm, file
 def test_a14b_i2v_loads_one_model_per_segment(dcm, files):
     """Each segment asks ComfyUI's model management for its own model only (so it can offload the other)."""
     import comfy.model_management
+    from comfy_extras.nodes_wan import WanImageToVideo
 
     import nodes
-    from comfy_extras.nodes_wan import WanImageToVideo
 
     unet = nodes.NODE_CLASS_MAPPINGS["UNETLoader"]()
     high, low = unet.load_unet(files["high"], "default")[0], unet.load_unet(files["low"], "default")[0]
