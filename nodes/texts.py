@@ -118,7 +118,10 @@ SAMPLER_DESC = (
     "official flow-Euler step, one progress bar and previews. Noise comes from the seed exactly as in KSampler. "
     + NO_STEPS_NOTE
 )
-SAMPLER_LATENT = "The latent to fill, e.g. EmptyHunyuanLatentVideo (832×480, 81 frames for Wan2.1)."
+SAMPLER_LATENT = (
+    "The latent to fill, e.g. EmptyHunyuanLatentVideo (832×480, 81 frames for Wan2.1); for image-to-video the "
+    "latent of WanImageToVideo, for Wan2.2 TI2V 5B the one of Wan22ImageToVideoLatent (its start frame stays clean)."
+)
 SEED = "The random seed for the starting noise (same noise as KSampler for the same seed)."
 SAMPLER_PRESET = PRESET + " Ignored when sigmas is connected; custom requires it."
 SAMPLER_SIGMAS = "Optional: overrides the preset with your own sigma list (e.g. from DCM Schedule)."
