@@ -353,3 +353,81 @@ def test_expert_loader_refuses_an_expert_of_another_task(dcm, files, expert, wan
     assert "DCMIncompatibleModelError" in text or "DCM Expert LoRA Loader" in text, text
     assert re.search(want, text, re.S), text
 
+
+
+def test_trained_dcm_wan21_i2v_equals_the_diffusers_reference(dcm, files):
+    """The trained-DCM I2V pair in ComfyUI (DCM Checkpoint Loader → WanImageToVideo with a start image and CLIP
+    vision output → DCM Dual-Expert Sampler) against the pack's reference sampler over the diffusers + peft model:
+    hidden states = [noisy latent, 4-channel mask (1 on the start frame), start-frame latent] on the channel axis
+    (normalised like the noise), CLIP features as ``encoder_hidden_states_image``; the detail expert's forward
+    uses its own condition-embedder copy, image embedder included."""
+    from comfy_extras.nodes_wan import WanImageToVideo
+
+    from dcm_core import tiny
+    from dcm_core.latents import to_model_space
+    from dcm_core.modeling import velocity
+    from dcm_core.sampler import sample_dcm
+    from dcm_core.schedule import parse_custom_sigmas
+    from tests.comfy.testing_nodes import _ClipVisionOut, _TestVAE
+
+    p = _base(image=True, clip=True)
+    # diffusers' Wan I2V attention takes the last 512 context tokens as text (umT5's padded length), ComfyUI the
+    # tokens after the 257 image tokens: the two agree for a 512-token prompt, which the text encoder produces
+    p["2"]["inputs"]["tokens"] = 512
+    p["1"] = {"class_type": "DCMCheckpointLoader", "inputs": {"ckpt_name": "tiny_dcm_wan21_i2v.safetensors", "weight_dtype": "default"}}
+    ours = dcm.run(_dcm_sampler(p, ["1", 0], ["1", 1], ["33", 2], 9, "manual"), key="fam")
+
+    ctx = torch.randn(1, 512, 4096, generator=torch.Generator().manual_seed(5))  # DCMTestConditioning(seed 5, 512)
+    img = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))  # DCMTestImage(seed 1)
+    clip = torch.randn(1, 257, 1280, generator=torch.Generator().manual_seed(2))  # DCMTestClipVisionOutput(seed 2)
+    pos, _, _ = WanImageToVideo.execute([[ctx, {}]], [[ctx, {}]], _TestVAE(16, 8, 0), 32, 32, 5, 1,
+                                        start_image=img, clip_vision_output=_ClipVisionOut(clip))
+    extra = pos[0][1]
+    image = to_model_space(extra["concat_latent_image"], "wan")
+    mask = (1.0 - extra["concat_mask"].mean(dim=1, keepdim=True)).repeat(1, 4, 1, 1, 1)
+    model = tiny.make_official_model("wan", tiny.wan_config(num_layers=1, in_channels=36, image_dim=1280), rank=4, alpha=8.0, seed=23)
+
+    def model_fn(x, sigma, expert):
+        return velocity(model, torch.cat([x, mask, image], dim=1), sigma, ctx, expert, encoder_hidden_states_image=clip)
+
+    with torch.no_grad():
+        ref = sample_dcm(model_fn, dcm.noise(9), parse_custom_sigmas(SIGMAS_900), 978.0)
+    diff = (to_model_space(ours, "wan") - ref).abs().max().item()
+    print(f"[trained dcm wan2.1 i2v + clip] vs diffusers reference {diff:.3e}")
+    assert diff <= TOL
+
+
+def test_wan22_i2v_a14b_pair_equals_the_diffusers_reference(dcm, files):
+    """The A14B I2V-shaped pair (UNETLoader ×2 → WanImageToVideo → DCM Dual-Expert Sampler, boundary preset 900)
+    against the pack's reference over the two diffusers models: high-noise model above 900, low-noise at or below,
+    both given [noisy latent, mask, start-frame latent]."""
+    from comfy_extras.nodes_wan import WanImageToVideo
+
+    from dcm_core import tiny
+    from dcm_core.latents import to_model_space
+    from dcm_core.modeling import velocity
+    from dcm_core.sampler import sample_dcm
+    from dcm_core.schedule import DETAIL, SEMANTIC, parse_custom_sigmas
+    from tests.comfy.testing_nodes import _TestVAE
+
+    p = _base(image=True)
+    high, low = _a14b_models(p, files, False)
+    ours = dcm.run(_dcm_sampler(p, high, low, ["33", 2], 7, "wan2.2-i2v-a14b (900)"), key="fam")
+    ctx, _ = dcm.cond("wan")
+    img = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1))
+    pos, _, _ = WanImageToVideo.execute([[ctx, {}]], [[ctx, {}]], _TestVAE(16, 8, 0), 32, 32, 5, 1, start_image=img)
+    extra = pos[0][1]
+    cond = torch.cat([(1.0 - extra["concat_mask"].mean(dim=1, keepdim=True)).repeat(1, 4, 1, 1, 1),
+                      to_model_space(extra["concat_latent_image"], "wan")], dim=1)
+    cfg = tiny.wan_config(num_layers=1, in_channels=36)
+    models = {SEMANTIC: tiny.make_official_model("wan", cfg, rank=4, alpha=8.0, seed=21),
+              DETAIL: tiny.make_official_model("wan", cfg, rank=4, alpha=8.0, seed=22)}
+
+    def model_fn(x, sigma, expert):  # each stock model's own weights (SEMANTIC = no DCM adapter)
+        return velocity(models[expert], torch.cat([x, cond], dim=1), sigma, ctx, SEMANTIC)
+
+    with torch.no_grad():
+        ref = sample_dcm(model_fn, dcm.noise(7), parse_custom_sigmas(SIGMAS_900), 900.0)
+    diff = (to_model_space(ours, "wan") - ref).abs().max().item()
+    print(f"[wan2.2 i2v a14b] vs diffusers reference {diff:.3e}")
+    assert diff <= TOL
