@@ -431,3 +431,44 @@ def test_wan22_i2v_a14b_pair_equals_the_diffusers_reference(dcm, files):
     diff = (to_model_space(ours, "wan") - ref).abs().max().item()
     print(f"[wan2.2 i2v a14b] vs diffusers reference {diff:.3e}")
     assert diff <= TOL
+
+
+def test_trained_dcm_wan22_ti2v_equals_the_diffusers_reference(dcm, files):
+    """The TI2V-5B-shaped DCM pair in ComfyUI (DCM Checkpoint Loader → DCM Dual-Expert Sampler on stock
+    Wan22ImageToVideoLatent's latent) against the pack's reference over the diffusers + peft model, with Wan2.2
+    TI2V's rule written out: the start frame's tokens get timestep 0 (diffusers' per-token ``timestep``), the
+    model sees the clean start frame there, and its prediction there is the start frame (x0 = clean)."""
+    import comfy.latent_formats
+    import comfy.sample
+
+    import nodes
+    from dcm_core import tiny
+    from dcm_core.modeling import expert_mode
+    from dcm_core.sampler import sample_dcm
+    from dcm_core.schedule import parse_custom_sigmas
+
+    p = _ti2v_base()
+    p["1"] = {"class_type": "DCMCheckpointLoader", "inputs": {"ckpt_name": "tiny_dcm_wan22_ti2v.safetensors", "weight_dtype": "default"}}
+    ours = dcm.run(_dcm_sampler(p, ["1", 0], ["1", 1], ["34", 0], 11, "manual"), key="fam")
+    latent = nodes.NODE_CLASS_MAPPINGS["DCMTestCapture"].STORE["ti2v_latent"]
+    fmt = comfy.latent_formats.Wan22()
+    clean = fmt.process_in(latent["samples"])  # model space; frame 0 is the start frame
+    m = latent["noise_mask"]  # [1, 1, frames, h, w]: 0 on the start frame
+    ctx, _ = dcm.cond("wan")
+    model = tiny.make_official_model("wan", tiny.wan_config(num_layers=1, in_channels=48, out_channels=48), rank=4, alpha=8.0, seed=24)
+    tokens_m = m[:, 0, :, ::2, ::2].flatten(1)  # one value per 1×2×2 patch token
+
+    def model_fn(x, sigma, expert):
+        x_in = x * m + clean * (1 - m)
+        t = (1000.0 * float(sigma)) * tokens_m
+        with expert_mode(model, expert):
+            v = model(hidden_states=x_in, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
+        x0 = (x_in - float(sigma) * v) * m + clean * (1 - m)
+        return (x - x0) / float(sigma)
+
+    noise = comfy.sample.prepare_noise(torch.zeros_like(latent["samples"]), 11)
+    with torch.no_grad():
+        ref = sample_dcm(model_fn, noise, parse_custom_sigmas(SIGMAS_900), 978.0)
+    diff = (fmt.process_in(ours) - ref).abs().max().item()
+    print(f"[trained dcm wan2.2 ti2v-5b] vs diffusers reference {diff:.3e}")
+    assert diff <= TOL
