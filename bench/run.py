@@ -362,7 +362,8 @@ def build_rows(R: dict) -> list[tuple[str, str, str, str, str]]:
             meas = f"{t['steps_per_s']:.3f} steps/s ({t['steps_done']} steps), peak RSS {_gb(t['peak_rss'])}"
         else:
             meas = f"failed / no step finished ({t.get('note') or 'see JSON'}), peak RSS {_gb(t.get('peak_rss'))}"
-        rows.append((f"6. Trainer {t['stage']} stage, batch 1, latent {t['latent']}", t["label"], meas, "—", "info"))
+        variant = "" if t.get("teacher_checkpointing", True) else " (teacher NOT checkpointed)"
+        rows.append((f"6. Trainer {t['stage']} stage{variant}, batch 1, latent {t['latent']}", t["label"], meas, "—", "info"))
     return rows
 
 
@@ -477,9 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             specs.append(("wan1.3b", "Wan 1.3B-shape", (1, 8, 8), P["train_big"]))
         for model, label, (t, h, wd), steps in specs:
             data = trainer.make_dataset(work / f"data_{model}", t=t, h=h, w=wd)
-            for stage in ("semantic", "detail"):
-                log(f"trainer {label} {stage}: {steps} steps")
-                res = trainer.run_stage(model, stage, data, work, steps=steps, timeout=900)
+            # the detail stage once more with the teacher NOT checkpointed: the cost of teacher checkpointing
+            for stage, t_ckpt in (("semantic", True), ("detail", True), ("detail", False)):
+                log(f"trainer {label} {stage}{'' if t_ckpt else ' (teacher not checkpointed)'}: {steps} steps")
+                res = trainer.run_stage(model, stage, data, work, steps=steps, timeout=900, teacher_checkpointing=t_ckpt)
                 res["label"] = label
                 res["latent"] = f"1×16×{t}×{h}×{wd}"
                 if model != "tiny" and stage == "semantic":

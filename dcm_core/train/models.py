@@ -426,13 +426,35 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return freeze(copy.deepcopy(model, memo))
 
 
+def cast_frozen_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the FROZEN parameters of a partly trainable model (the detail student's base) to ``dtype``, one tensor
+    at a time (``_keep_in_fp32_modules`` stay fp32); trainable parameters and buffers are untouched."""
+    if dtype == torch.float32:
+        return model
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(_storage_dtype(model, name, p, dtype))
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
 
 
-def build_student(cfg: TrainConfig, *, pretrained: nn.Module | None = None) -> nn.Module:
-    """The stage's student (trainable parameters marked) — also used by export to rebuild it."""
+def meta_transformer(cfg: TrainConfig) -> nn.Module:
+    """``model.pretrained``'s architecture on PyTorch's ``meta`` device: no storage, no weight read (the processes
+    of a sharded run other than process 0 build their models so; process 0 loads the weights and broadcasts them,
+    :mod:`.parallel`)."""
+    from .plan import _meta_model, transformer_config
+
+    family, config = transformer_config(cfg)
+    return _meta_model(family, config, torch.float32).train()
+
+
+def build_student(cfg: TrainConfig, *, pretrained: nn.Module | None = None, on_meta: bool = False) -> nn.Module:
+    """The stage's student (trainable parameters marked) — also used by export to rebuild it. ``on_meta``: built
+    from ``pretrained``'s (meta) architecture, nothing read (the semantic expert has the same architecture)."""
     m = cfg.model
     if cfg.stage == STAGE_SEMANTIC:
         student = pretrained if pretrained is not None else load_transformer(
@@ -446,7 +468,9 @@ def build_student(cfg: TrainConfig, *, pretrained: nn.Module | None = None) -> n
             student.requires_grad_(True)
         return student.train()
     # detail stage
-    if m.semantic_expert:
+    if on_meta:
+        student = copy.deepcopy(pretrained)  # (meta tensors: no storage)
+    elif m.semantic_expert:
         student = load_transformer(
             m.semantic_expert, config_path=m.transformer_config, tiny_config=m.tiny_config, tiny_seed=m.tiny_seed
         )
@@ -463,12 +487,18 @@ def build_student(cfg: TrainConfig, *, pretrained: nn.Module | None = None) -> n
     return student.train()
 
 
-def build_models(cfg: TrainConfig) -> StageModels:
-    """Load the pretrained model once and build the stage's student and teacher (dcm-method.md §5.1, §6.1)."""
+def build_models(cfg: TrainConfig, *, on_meta: bool = False) -> StageModels:
+    """Load the pretrained model once and build the stage's student and teacher (dcm-method.md §5.1, §6.1).
+
+    ``on_meta``: the same modules on PyTorch's ``meta`` device (no storage, no weight read) — for the processes
+    of an FSDP run that receive their weights from process 0 (:meth:`.parallel.FSDP2.build_models`)."""
     m = cfg.model
-    pretrained = load_transformer(
-        m.pretrained, config_path=m.transformer_config, tiny_config=m.tiny_config, tiny_seed=m.tiny_seed
-    )
+    if on_meta:
+        pretrained = meta_transformer(cfg)
+    else:
+        pretrained = load_transformer(
+            m.pretrained, config_path=m.transformer_config, tiny_config=m.tiny_config, tiny_seed=m.tiny_seed
+        )
     family = family_of_model(pretrained)
     if m.family is not None and m.family != family:
         raise DCMConfigError(f"model.family={m.family!r} but {m.pretrained!r} is a {family} transformer.")
@@ -478,7 +508,9 @@ def build_models(cfg: TrainConfig) -> StageModels:
         student = build_student(cfg, pretrained=pretrained)
         expert = STAGE_SEMANTIC
     else:
-        student = build_student(cfg, pretrained=pretrained)
+        student = build_student(cfg, pretrained=pretrained, on_meta=on_meta)
+        # the frozen base in bf16 is an explicit opt-in (model.detail_base_dtype): it moves the loss slightly
+        cast_frozen_params(student, DTYPES[m.detail_base_dtype])
         teacher = cast_frozen(freeze(pretrained), tdtype)
         expert = STAGE_DETAIL
     if family_of_model(student) != family:

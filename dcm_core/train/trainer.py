@@ -51,7 +51,7 @@ from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
 from .data import Batch, DataStream, LatentDataset, apply_caption_dropout, collate, load_uncond, pad_uncond
 from .discriminator import Discriminator, TeacherFeatures
 from .losses import feature_matching, hinge_d_loss, hinge_g_loss, pseudo_huber, temporal_coherence
-from .models import Conditioning, StageModels, adapters_disabled, build_models, call_velocity
+from .models import Conditioning, StageModels, adapters_disabled, call_velocity
 from .parallel import Replicated, make_strategy
 from .solver import PCMSolver, cfg_velocity
 
@@ -181,7 +181,7 @@ class DCMTrainer:
             raise DCMConfigError("data.path is empty. Point it at a dataset folder written by `python -m dcm_core preprocess`.")
         self.dataset = LatentDataset(cfg.data.path, cfg.data.num_latent_t)
         self._seed_everything(cfg.seed)
-        self.models: StageModels = build_models(cfg)
+        self.models: StageModels = self.strategy.build_models(cfg)
         if self.strategy.activation_checkpointing and not cfg.model.gradient_checkpointing:
             log.info("FSDP activation checkpointing: per-block gradient checkpointing of the student and teacher is on.")
             self.models.enable_gradient_checkpointing()
@@ -252,7 +252,7 @@ class DCMTrainer:
 
     def _build_optimisers(self) -> None:
         cfg = self.cfg
-        self.strategy.shard(self.models.student, self.family)
+        self.strategy.shard(self.models.student, self.family, teacher=self.models.teacher if cfg.parallel.shard_teacher else None)
         self.trainable = self.models.trainable()
         if not self.trainable:
             raise DCMConfigError("no trainable parameters: check model.semantic_lora / the detail expert setup.")
