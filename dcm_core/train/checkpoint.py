@@ -321,7 +321,7 @@ def verify_checkpoint(path: Path) -> str | None:
     if "trainer_state.json" not in files:
         return "trainer_state.json is not listed in the manifest"
     if "trainable.safetensors" not in files and not any(_is_shard_name(n) for n in files):
-        return f"neither trainable.safetensors nor {SHARDED_DIR}/*.safetensors is listed in the manifest"
+        return f"trainable.safetensors (or {SHARDED_DIR}/*.safetensors) is not listed in the manifest"
     for name, info in files.items():
         f = path / name
         if not name or not (Path(name).name == name or _is_shard_name(name)):

@@ -420,7 +420,9 @@ def test_only_process_0_materialises_the_models(runs, tmp_path):
     for r in (r0, r1):
         assert r["set_up"]["teacher"] == {"materialised": full_teacher, "meta": 0}
         assert r["set_up"]["student"]["meta"] == 0
-        assert 0.45 * full_student < r["set_up"]["student"]["materialised"] < 0.56 * full_student, r
+        # (measured 0.563 on process 0: the rotary tables and other buffers are whole on every process, and
+        # torch.chunk gives process 0 the larger half of an odd row count)
+        assert 0.45 * full_student < r["set_up"]["student"]["materialised"] < 0.6 * full_student, r
 
 
 def test_export_reads_the_shards_into_the_model_itself(runs, tmp_path, monkeypatch):
