@@ -232,7 +232,21 @@ def detail_out_dtype(src: torch.dtype, dtype: torch.dtype | None) -> torch.dtype
     return dtype
 
 
-def produce_semantic(op: km.Op, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
+def produce_semantic(
+    op: km.Op, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None, *, reader: SafeReader | None = None
+) -> torch.Tensor:
+    """Materialise one semantic tensor in its storage dtype.
+
+    With ``reader``, a plain copy is read and converted in one pass through the reader's reused scratch buffer
+    (:meth:`SafeReader.get` with ``dtype``): no full-size source-dtype tensor is allocated per weight, which for
+    an fp32 file loaded as bf16 saves a fresh allocation (page faults + zeroing) of the whole fp32 model. The
+    result is bit-identical (``copy_`` rounds as ``.to`` does).
+    """
+    if reader is not None and op.kind == "copy":
+        e = reader.header.entries[op.sources[0]]
+        if e.torch_dtype.is_floating_point:
+            out = semantic_out_dtype(e.torch_dtype, dtype, op.out, len(e.shape))
+            return km.run_op(op, lambda key: reader.get(key, dtype=out))
     t = km.run_op(op, get)
     out = semantic_out_dtype(t.dtype, dtype, op.out, t.ndim)
     return t.to(out) if t.dtype != out else t
@@ -516,7 +530,7 @@ def load_official(
     patches: dict[str, torch.Tensor] = {}
     with SafeReader(header.path, header) as r:
         for op in plan.semantic:
-            sem[op.out] = produce_semantic(op, r.get, dtype)
+            sem[op.out] = produce_semantic(op, r.get, dtype, reader=r)
         for op in plan.detail:
             patches[op.out] = produce_detail(op, r.get, dtype, dtype)
     detail_info = FileInfo(
