@@ -454,3 +454,23 @@ def test_export_reads_the_shards_into_the_model_itself(runs, tmp_path, monkeypat
     for f in ("transformer/diffusion_pytorch_model.safetensors", "dcm_semantic.safetensors", "dcm_detail_expert.safetensors"):
         a, b = load_file(str(run / "export" / f)), load_file(str(tmp_path / "again" / f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_the_manifest_covers_the_shards(runs, tmp_path):
+    """A sharded checkpoint is verified like any other: every shard file is in MANIFEST.json (hashed by the process
+    that shares it), so one flipped byte in a shard — or a missing shard — makes "latest" fall back."""
+    src = runs["root"] / "det_fsdp" / "checkpoints"
+    root = tmp_path / "checkpoints"
+    shutil.copytree(src, root)
+    newest = root / ck.checkpoint_name(DETAIL_STEPS)
+    manifest = ck.load_json(newest / ck.MANIFEST)["files"]
+    shards = sorted(n for n in manifest if n.startswith(f"{ck.SHARDED_DIR}/"))
+    assert len(shards) == 2 and all((newest / n).is_file() for n in shards)
+    assert ck.verify_checkpoint(newest) is None
+    blob = bytearray((newest / shards[1]).read_bytes())
+    blob[-3] ^= 0xFF
+    (newest / shards[1]).write_bytes(bytes(blob))
+    assert f"{shards[1]} does not match its sha256" in ck.verify_checkpoint(newest)
+    (newest / shards[1]).unlink()
+    assert f"{shards[1]} is missing" in ck.verify_checkpoint(newest)
+    assert ck.find_latest_valid(root, warn=lambda _m: None) == root / "checkpoint-00000002"
