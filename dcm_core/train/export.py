@@ -54,8 +54,10 @@ def export_model(
     dtype: str | None = None,
     native: bool | None = None,
     step: int | None = None,
+    disposable: bool = False,
 ) -> dict[str, str]:
-    """Write the export of ``student`` (see the module docstring); returns ``{what: path}``."""
+    """Write the export of ``student`` (see the module docstring); returns ``{what: path}``. ``disposable``: the
+    student was rebuilt for this export only — a semantic LoRA is merged into it in place (no second copy)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -76,7 +78,7 @@ def export_model(
         tdir.mkdir(parents=True)
         student.save_config(str(tdir))
         if cfg.stage == STAGE_SEMANTIC:
-            sd = merged_semantic_state_dict(student)
+            sd = merged_semantic_state_dict(student, in_place=disposable)
             layout = "diffusers (semantic expert)"
         else:
             sd = {k: v.detach() for k, v in student.state_dict().items()}
@@ -211,7 +213,8 @@ def export_run(
             for n, t in tensors.items():
                 named[n].copy_(t.to(named[n].dtype))
     step = int(ck.load_json(path / "trainer_state.json")["global_step"])
-    return export_model(cfg, student, out_dir or run / "export", name=name, dtype=dtype, native=native, step=step)
+    return export_model(cfg, student, out_dir or run / "export", name=name, dtype=dtype, native=native, step=step,
+                        disposable=True)
 
 
 # ---------------------------------------------------------------------------- CLI

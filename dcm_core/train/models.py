@@ -253,11 +253,12 @@ def _from_state_dict(cls: type, config: dict, sd: dict[str, torch.Tensor], where
     return model.float().train()
 
 
-def merged_semantic_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Plain diffusers state dict of a semantic student; a ``semantic`` LoRA is merged into the base."""
+def merged_semantic_state_dict(model: nn.Module, *, in_place: bool = False) -> dict[str, torch.Tensor]:
+    """Plain diffusers state dict of a semantic student; a ``semantic`` LoRA is merged into the base — of a copy of
+    the model, or with ``in_place`` of the model itself (a student rebuilt only to be exported: no second copy)."""
     m = model
     if getattr(model, "peft_config", None) and SEMANTIC_ADAPTER in model.peft_config:
-        m = copy.deepcopy(model)
+        m = model if in_place else copy.deepcopy(model)
         for layer in tuner_layers(m):
             layer.merge(adapter_names=[SEMANTIC_ADAPTER])
     return {k: v.detach() for k, v in semantic_state_dict(m.state_dict()).items()}
