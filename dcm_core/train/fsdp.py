@@ -339,32 +339,6 @@ class ShardedReader:
         return out
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], main: bool) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered (kept on the main process only).
-
-    Same structure as the unsharded state dict (state keyed by the parameter's position in
-    ``params`` = the optimizer's own order), so the checkpoint files are identical in layout.
-    """
-    sd = optimizer.state_dict()  # param_groups + sharded states, ids = positions
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    order = [index[id(p)] for p in params]
-    if order != list(range(len(params))):
-        raise DCMConfigError("internal: the optimizer's parameter order differs from the trainable list.")
-    state: dict[int, dict[str, Any]] = {}
-    for i in sorted(sd["state"]):
-        out = {}
-        for k, v in sorted(sd["state"][i].items()):
-            if isinstance(v, torch.Tensor):
-                v = full_tensor(v)
-                if main:
-                    out[k] = v.detach().to("cpu")
-            elif main:
-                out[k] = v
-        if main:
-            state[i] = out
-    return {"state": state, "param_groups": sd["param_groups"]}
-
-
 def load_optimizer_state(
     optimizer: torch.optim.Optimizer, params: list[torch.Tensor], reader: ShardedReader, meta: dict[str, Any]
 ) -> None:
