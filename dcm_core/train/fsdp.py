@@ -16,9 +16,9 @@ How a run is sharded (``accelerate launch --use_fsdp ...``, see the trainer READ
 * **parameters stay fp32 masters** (sharded; AdamW updates them in fp32). Without mixed precision
   they are also all-gathered and reduce-scattered in fp32 (the official ``MixedPrecision(fp32, fp32,
   fp32)``). Under ``mixed_precision = "bf16"`` FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
-  reduce_dtype=fp32)`` all-gathers them in bf16 (half the traffic and half the gathered units'
-  memory; the forwards also run under bf16 autocast, as in the official scripts) and reduce-scatters
-  the gradients in fp32. Gradients are averaged over processes (reduce-scatter).
+  reduce_dtype=fp32, cast_forward_inputs=False)`` all-gathers them in bf16 (half the traffic and half
+  the gathered units' memory; the inputs are left alone and the forwards run under bf16 autocast, as in
+  the official scripts) and reduce-scatters the gradients in fp32. Gradients are averaged over processes (reduce-scatter).
 * **teacher** — frozen, **replicated** by default: every process holds the whole teacher in
   ``model.teacher_dtype`` (bf16 under mixed precision; one bf16 copy of the base model per GPU: Wan
   1.3B 2.6 GB, Wan 14B 28 GB, HunyuanVideo 13B 26 GB). ``parallel.shard_teacher = true`` shards its
@@ -166,12 +166,16 @@ def block_units(model: nn.Module, family: str) -> list[tuple[str, nn.Module]]:
 def mixed_precision_policy(mixed_precision: str) -> Any:
     """FSDP2's ``MixedPrecisionPolicy`` of a run: under ``mixed_precision = "bf16"`` the fp32 masters are
     all-gathered (and computed with) in bf16 and the gradients reduce-scattered in fp32; otherwise None (fp32
-    throughout)."""
+    throughout).
+
+    The forward's inputs are NOT cast (``cast_forward_inputs=False``): FSDP2 would otherwise round the timestep
+    ``1000·σ`` to bf16 (steps of 4 above 512) and every block's ``temb`` before diffusers' own ``.float()``; the
+    forwards run under bf16 autocast anyway (accelerate), which picks the matmul dtype as in a one-process run."""
     if mixed_precision != "bf16":
         return None
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def shard_model(

@@ -360,9 +360,10 @@ def test_resume_with_another_process_count_2_to_1_and_1_to_2(runs):
     _assert_same_state(src, again)
 
 
-#: bf16: the consistency loss at step 1 is |ŷ − y| of two nearly equal bf16 forwards (cancellation): batch 1 vs
-#: batch 2 and bf16 vs fp32-then-autocast gathers move it by ~10 % (measured 9.1e-2 with the teacher sharded)
-BF16_LOSS_RTOL = 0.2
+#: bf16: the consistency and feature-matching losses are differences of two nearly equal bf16 forwards
+#: (cancellation), so batch 1 vs batch 2 moves them by up to a few % (measured: loss_fm 2.5e-2, loss_cd 1.9e-3,
+#: loss 2.8e-4; with FSDP2 casting the forward's inputs — timestep included — to bf16 it was loss_cd 9.1e-2)
+BF16_LOSS_RTOL = 5e-2
 
 
 @pytest.mark.parametrize("mixed", ["no", "bf16"])

@@ -42,15 +42,21 @@ def _inputs(seed: int = 0):
     return x, ctx
 
 
-def _gathered_dtypes(model, x, ctx):
-    """dtype of a block's linear weight and of the head weight as the forward sees them; the loss for backward."""
+def _gathered_dtypes(model, x, ctx, autocast: bool):
+    """dtype of a block's linear weight as the forward sees it, and of the timestep the embedder receives; the
+    output (the trainer's forwards run under autocast whenever mixed_precision = bf16)."""
     seen = {}
     lin = model.blocks[0].ffn.net[0].proj
-    h = lin.register_forward_pre_hook(lambda m, a: seen.__setitem__("block", m.weight.dtype))
+    handles = [
+        lin.register_forward_pre_hook(lambda m, a: seen.__setitem__("block", m.weight.dtype)),
+        model.condition_embedder.register_forward_pre_hook(lambda m, a: seen.__setitem__("timestep", a[0].dtype)),
+    ]
     try:
-        out = model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=ctx, return_dict=False)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(hidden_states=x, timestep=torch.tensor([501.0]), encoder_hidden_states=ctx, return_dict=False)[0]
     finally:
-        h.remove()
+        for h in handles:
+            h.remove()
     return seen, out
 
 
@@ -61,9 +67,11 @@ def test_fsdp2_gathers_in_bf16_under_mixed_precision(process_group, mixed):
     assert (policy is None) == (mixed == "no")
     fs.shard_model(model, "wan", torch.device("cpu"), 1, True, policy)
     x, ctx = _inputs()
-    seen, out = _gathered_dtypes(model, x, ctx)
+    seen, out = _gathered_dtypes(model, x, ctx, autocast=mixed == "bf16")
     want = torch.bfloat16 if mixed == "bf16" else torch.float32
     assert seen["block"] == want and out.dtype == want
+    # the inputs are not cast by FSDP: t = 501 stays 501 (bf16 would make it 500)
+    assert seen["timestep"] == torch.float32
     out.float().square().mean().backward()
     w = model.blocks[0].ffn.net[0].proj.weight
     assert fs.is_sharded(w) and w.dtype == torch.float32  # the masters
