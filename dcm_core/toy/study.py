@@ -8,7 +8,9 @@ Two studies, both on a fixed held-out set of prompts × seeds, every sampler sta
   world's analytic scores. A world is "hard for few-step sampling" when these differ clearly.
 * **spectral** — a model-free proxy (:func:`spectral_decided`): which share of the clips' (fine-detail)
   energy is above the noise at each σ, for v1 and v2;
-* **conditioning** — does the teacher listen to each word of the prompt (:func:`conditioning_sensitivity`);
+* **conditioning** — does the teacher listen to each word of the prompt (:func:`conditioning_sensitivity`), and
+  does its text embedder still tell the words of one kind apart (:func:`word_separation`);
+* **word value** — model-free: what each word is worth to the ideal denoiser at high σ (:func:`word_value`);
 * **shift** — which grid the teacher's 50-step *reference* sampling should use: for each shift s, the
   50-step sample on σ = shift(u, s) against a near-converged ODE solution (``--converged-steps`` Euler
   steps; its own error is bounded by comparing two converged solutions on different grids), plus the
@@ -158,6 +160,92 @@ def conditioning_sensitivity(model, world, *, sigmas=(0.95, 0.8, 0.5), bases=CON
     return out
 
 
+WORD_GROUPS = {"colour": None, "shape": None, "direction": ("left", "right", "up", "down")}
+
+
+@torch.no_grad()
+def word_separation(model, world) -> dict:
+    """Are the words of one kind still told apart after the model's own text embedder? Cosine similarity of
+    the embedded word vectors (``condition_embedder.text_embedder``), the largest within each group
+    (colours, shapes, the four directions of ``moving …``) and the mean across groups. A group whose words
+    map to nearly the same vector (cosine → 1) cannot steer the model apart, whatever comes after."""
+    from .world import COLOURS, SHAPES, _WORD_VECTORS
+
+    te = model.condition_embedder.text_embedder
+    groups = {"colour": tuple(COLOURS), "shape": tuple(SHAPES), "direction": WORD_GROUPS["direction"]}
+    out = {}
+    for g, words in groups.items():
+        e = torch.nn.functional.normalize(te(torch.stack([torch.from_numpy(_WORD_VECTORS[w]) for w in words])), dim=-1)
+        cos = e @ e.T
+        off = cos[~torch.eye(len(words), dtype=torch.bool)]
+        out[g] = {"max_cosine": float(off.max()), "mean_cosine": float(off.mean())}
+    return out
+
+
+WORD_VALUE_PROMPTS = ("red circle moving right", "blue square moving up", "green diamond bouncing",
+                      "white circle moving left")
+WORD_VALUE_SIGMAS = (0.98, 0.95, 0.9, 0.85, 0.8)
+WORD_VALUE_CLIPS = 60  # clips per prompt in each set
+
+
+def word_value(world, *, per_prompt: int | None = None, tests_per_prompt: int = 6, sigmas=WORD_VALUE_SIGMAS,
+               prompts=None, seed: int = 0) -> dict:
+    """What each word is worth to the *ideal* denoiser, per σ (model-free; the loss a teacher can gain by
+    listening to it).
+
+    The Bayes-optimal x0-prediction given ``x_σ`` over a finite set of clips is the softmax-weighted mean
+    of the clips (weights ``exp(−‖x_σ − (1−σ)x_i‖² / 2σ²)``). For a test clip of prompt P, the v-loss
+    ``‖x̂0 − x0‖²/σ²`` is computed with the set of P's clips (the word known) and with the union over every
+    value of one attribute (the word unknown), the two sets of equal size so set size does not favour either.
+    ``gain`` = loss without the word − loss with it. Reliable at high σ (where the posterior spreads over
+    many clips); at low σ a finite set only finds its nearest clip, so σ < 0.8 is not reported.
+    """
+    import dataclasses
+
+    from .world import COLOURS, MOTIONS, SHAPES
+
+    per_prompt = per_prompt or WORD_VALUE_CLIPS
+    prompts = prompts or WORD_VALUE_PROMPTS
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    cache: dict = {}
+
+    def clips(p, k):
+        have = cache.get(p)
+        if have is None or len(have) < k:
+            more = [world.make_clip(p.text, int(rng.integers(2**31))).latent.flatten()
+                    for _ in range(k - (0 if have is None else len(have)))]
+            cache[p] = torch.stack(([] if have is None else list(have)) + more)
+        return cache[p][:k]
+
+    def denoise(xt, s, X):
+        w = torch.softmax(-((xt[None] - (1 - s) * X) ** 2).sum(1) / (2 * s * s), 0)
+        return (w[:, None] * X).sum(0)
+
+    kinds = {"colour": tuple(COLOURS), "shape": SHAPES, "motion": MOTIONS}
+    acc = {k: {"with": np.zeros(len(sigmas)), "without": np.zeros(len(sigmas))} for k in kinds}
+    n = 0
+    for text in prompts:
+        p = world.parse_prompt(text)
+        for k, values in kinds.items():
+            union = torch.cat([clips(dataclasses.replace(p, **{k: v}), per_prompt) for v in values])
+            own = clips(p, len(union))
+            for r in range(tests_per_prompt):
+                x0 = world.make_clip(text, 10**7 + 1000 * n + r).latent.flatten()
+                eps = torch.randn(x0.shape, generator=g)
+                for i, s in enumerate(sigmas):
+                    xt = s * eps + (1 - s) * x0
+                    acc[k]["with"][i] += float(((denoise(xt, s, own) - x0) ** 2).mean()) / s**2
+                    acc[k]["without"][i] += float(((denoise(xt, s, union) - x0) ** 2).mean()) / s**2
+        n += 1
+    m = n * tests_per_prompt
+    out = {"per_prompt_clips": per_prompt, "tests": m, "by_sigma": {}}
+    for i, s in enumerate(sigmas):
+        out["by_sigma"][f"{s:g}"] = {k: {"loss_with": acc[k]["with"][i] / m, "gain": (acc[k]["without"][i] - acc[k]["with"][i]) / m}
+                                    for k in kinds}
+    return out
+
+
 #: Noise levels at which :func:`spectral_decided` reports (DCM's switch points and the presets' last jumps among them).
 SPECTRAL_SIGMAS = (0.99, 0.975, 0.95, 0.9, 0.81, 0.7, 0.5, 0.26, 0.1, 0.05)
 HF_CUTOFF = 1 / 6  # cycles per pixel: periods ≤ 6 px (the v2 textures' band) count as "fine detail"
@@ -204,17 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--converged-steps", type=int, default=400)
-    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning"), default=None,
-                   help="one study (spectral: the model-free proxy for v1 and v2, no teacher needed)")
+    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning", "word-value"), default=None,
+                   help="one study (spectral, word-value: model-free, for v1 and v2, no teacher needed)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    if a.only == "spectral" or not (a.teacher or a.ckpt):
-        if a.only not in (None, "spectral"):
-            p.error("--teacher or --ckpt is needed for the hardness and shift studies")
-        res = {v: spectral_decided(world_v2.get_world(v)) for v in ("v1", "v2")}
+    if a.only in ("spectral", "word-value") or not (a.teacher or a.ckpt):
+        if a.only not in (None, "spectral", "word-value"):
+            p.error("--teacher or --ckpt is needed for the hardness, shift and conditioning studies")
+        fn = word_value if a.only == "word-value" else spectral_decided
+        res = {v: fn(world_v2.get_world(v)) for v in ((a.world,) if a.world else ("v1", "v2"))}
         print(json.dumps(res, indent=1))
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"teacher": info, "world": world.__name__.rsplit(".", 1)[-1], "cfg_scale": a.cfg}
     if a.only in (None, "conditioning"):
         res["conditioning"] = conditioning_sensitivity(model, world)
+        res["word_separation"] = word_separation(model, world)
     if a.only in (None, "hardness"):
         res["hardness"] = hardness(model, world, n_prompts=a.prompts, cfg_scale=a.cfg)
     if a.only in (None, "shift"):

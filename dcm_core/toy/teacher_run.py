@@ -72,6 +72,8 @@ class RunConfig:
     warmup: int = 200
     weight_decay: float = 0.01
     train_shift: float = TOY_SHIFT
+    band_frac: float = 0.5  # share of each batch whose σ is drawn from U(band_min, 1) instead of the shifted grid
+    band_min: float = 0.75
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -102,6 +104,17 @@ def _batch(w, rng: np.random.Generator, n: int, dropout: float) -> tuple[torch.T
         lat.append(clip.latent)
         txt.append(w.encode_text("" if rng.random() < dropout else clip.prompt.text))
     return torch.stack(lat), torch.stack(txt)
+
+
+def train_sigmas(cfg: RunConfig, rng: np.random.Generator, n: int) -> torch.Tensor:
+    """Training noise levels: σ = shift(u, ``train_shift``), u ~ U(0, 1), except that a ``band_frac`` share
+    of the batch is drawn from U(``band_min``, 1), the band where the prompt's words decide the clip."""
+    u = rng.random(n)
+    sigma = np.asarray(flow_shift(u, cfg.train_shift), dtype=np.float64)
+    if cfg.band_frac > 0:
+        pick = rng.random(n) < cfg.band_frac
+        sigma = np.where(pick, cfg.band_min + (1.0 - cfg.band_min) * rng.random(n), sigma)
+    return torch.as_tensor(sigma, dtype=torch.float32)
 
 
 def build_model(cfg: RunConfig) -> torch.nn.Module:
@@ -253,8 +266,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     bar = tqdm(total=cfg.steps, initial=step, desc=f"teacher {cfg.world}", disable=not progress, dynamic_ncols=True)
     while step < cfg.steps:
         x0, ctx = _batch(w, rng, cfg.batch_size, cfg.caption_dropout)
-        u = torch.from_numpy(rng.random(cfg.batch_size).astype(np.float32))
-        sigma = torch.as_tensor(flow_shift(u, cfg.train_shift), dtype=torch.float32)
+        sigma = train_sigmas(cfg, rng, cfg.batch_size)
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         v = velocity(model, add_noise(x0, noise, sigma), sigma, ctx)
         loss = torch.nn.functional.mse_loss(v.float(), noise - x0)

@@ -78,3 +78,17 @@ def test_build_cli_v2_teacher_only(tmp_path, capsys):
     assert build.main(argv) == 2  # exists: needs --resume
     assert "--resume" in capsys.readouterr().err
     assert build.main(argv + ["--resume"]) == 0  # already complete: re-exports, no more steps
+
+
+def test_train_sigmas_put_a_share_of_the_batch_in_the_high_noise_band():
+    import numpy as np
+
+    from dcm_core.schedule import flow_shift
+
+    s = TR.train_sigmas(TR.RunConfig(band_frac=0.5, band_min=0.75), np.random.default_rng(0), 20000).numpy()
+    assert s.min() >= 0 and s.max() <= 1
+    plain = flow_shift(np.random.default_rng(1).random(20000), 3.0)
+    in_band, plain_in_band = (s >= 0.75).mean(), (plain >= 0.75).mean()
+    assert in_band == pytest.approx(0.5 + 0.5 * plain_in_band, abs=0.02)  # the band share plus the grid's own
+    none = TR.train_sigmas(TR.RunConfig(band_frac=0.0), np.random.default_rng(2), 1000).numpy()
+    assert np.allclose(none, flow_shift(np.random.default_rng(2).random(1000), 3.0), atol=1e-6)
