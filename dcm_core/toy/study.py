@@ -9,7 +9,8 @@ Two studies, both on a fixed held-out set of prompts × seeds, every sampler sta
 * **spectral** — a model-free proxy (:func:`spectral_decided`): which share of the clips' (fine-detail)
   energy is above the noise at each σ, for v1 and v2;
 * **conditioning** — does the teacher listen to each word of the prompt (:func:`conditioning_sensitivity`), and
-  does its text embedder still tell the words of one kind apart (:func:`word_separation`);
+  does its text embedder still tell the words of one kind apart (:func:`word_separation`), and does it know
+  which frame and place a token is at (:func:`position_probe`);
 * **word value** — model-free: what each word is worth to the ideal denoiser at high σ (:func:`word_value`);
 * **shift** — which grid the teacher's 50-step *reference* sampling should use: for each shift s, the
   50-step sample on σ = shift(u, s) against a near-converged ODE solution (``--converged-steps`` Euler
@@ -169,7 +170,7 @@ def word_separation(model, world) -> dict:
     the embedded word vectors (``condition_embedder.text_embedder``), the largest within each group
     (colours, shapes, the four directions of ``moving …``) and the mean across groups. A group whose words
     map to nearly the same vector (cosine → 1) cannot steer the model apart, whatever comes after."""
-    from .world import COLOURS, SHAPES, _WORD_VECTORS
+    from .world import _WORD_VECTORS, COLOURS, SHAPES
 
     te = model.condition_embedder.text_embedder
     groups = {"colour": tuple(COLOURS), "shape": tuple(SHAPES), "direction": WORD_GROUPS["direction"]}
@@ -179,6 +180,59 @@ def word_separation(model, world) -> dict:
         cos = e @ e.T
         off = cos[~torch.eye(len(words), dtype=torch.bool)]
         out[g] = {"max_cosine": float(off.max()), "mean_cosine": float(off.mean())}
+    return out
+
+
+def ridge_r2(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+             ridge: float = 10.0) -> list[float]:
+    """R² on the test rows of a ridge regression (features standardised on the training rows, with
+    intercept) fitted on the training rows, per target."""
+    mu, sd = train_x.double().mean(0), train_x.double().std(0).clamp_min(1e-8)
+
+    def aug(x):
+        return torch.cat([(x.double() - mu) / sd, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+
+    a, b = aug(train_x), aug(test_x)
+    coef = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ train_y.double())
+    pred = b @ coef
+    y = test_y.double()
+    return [float(v) for v in 1 - ((pred - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0).clamp_min(1e-12)]
+
+
+@torch.no_grad()
+def position_probe(model, world, *, sigmas=(0.98, 0.9, 0.5), n_train: int = 6, n_test: int = 2, seed: int = 0) -> dict:
+    """Does the model know *where* a token is? Wan has no absolute position embedding (RoPE gives only
+    relative offsets), yet a prompt's motion word pins the object's mean path to absolute frames and
+    places. A ridge probe from each block's token features to the token's (frame, row, column) index,
+    fitted on ``n_train`` noises and scored (R²) on ``n_test`` others, per σ; ≤ 0 means not decodable."""
+    from ..modeling import velocity
+
+    feats: dict[str, torch.Tensor] = {}
+    hooks = [model.patch_embedding.register_forward_hook(
+        lambda mod, a, o: feats.__setitem__("input", o.flatten(2).transpose(1, 2)))]
+    for i, b in enumerate(model.blocks):
+        hooks.append(b.register_forward_hook(lambda mod, a, o, i=i: feats.__setitem__(f"block{i}", o)))
+    _, f, h, w = world.latent_shape()[1:]
+    pt, ph, pw = model.config.patch_size
+    t, y, x = torch.meshgrid(torch.arange(f // pt), torch.arange(h // ph), torch.arange(w // pw), indexing="ij")
+    target = torch.stack([t.flatten(), y.flatten(), x.flatten()], 1).float()
+    n = n_train + n_test
+    prompts = [STUDY_PROMPTS[i % len(STUDY_PROMPTS)] for i in range(n)]
+    ctx = torch.stack([world.encode_text(p) for p in prompts])
+    g = torch.Generator().manual_seed(seed)
+    out: dict = {}
+    try:
+        for s in sigmas:
+            velocity(model, torch.randn((n, *world.latent_shape()[1:]), generator=g), s, ctx)
+            row = {}
+            for k, v in feats.items():
+                r2 = ridge_r2(v[:n_train].reshape(-1, v.shape[-1]), target.repeat(n_train, 1),
+                              v[n_train:].reshape(-1, v.shape[-1]), target.repeat(n_test, 1))
+                row[k] = dict(zip(("frame", "row", "column"), r2))
+            out[f"{s:g}"] = row
+    finally:
+        for hk in hooks:
+            hk.remove()
     return out
 
 
@@ -315,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.only in (None, "conditioning"):
         res["conditioning"] = conditioning_sensitivity(model, world)
         res["word_separation"] = word_separation(model, world)
+        res["position_probe"] = position_probe(model, world)
     if a.only in (None, "hardness"):
         res["hardness"] = hardness(model, world, n_prompts=a.prompts, cfg_scale=a.cfg)
     if a.only in (None, "shift"):

@@ -107,3 +107,21 @@ def test_cli_word_value_needs_no_teacher(tmp_path, monkeypatch, capsys):
     res = json.loads(out.read_text())
     assert list(res) == ["v2"] and set(res["v2"]["by_sigma"]["0.9"]) == {"colour", "shape", "motion"}
     capsys.readouterr()
+
+
+def test_ridge_r2_finds_position_only_where_it_is():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 6, (400, 3), generator=g).float()
+    mixed = torch.cat([pos @ torch.randn(3, 8, generator=g), torch.randn(400, 8, generator=g)], 1)
+    r2 = study.ridge_r2(mixed[:300], pos[:300], mixed[300:], pos[300:])
+    assert min(r2) > 0.99
+    r2 = study.ridge_r2(torch.randn(400, 16, generator=g)[:300], pos[:300], torch.randn(100, 16, generator=g), pos[300:])
+    assert max(r2) < 0.1
+
+
+def test_position_probe_reports_every_block(tiny_model):
+    res = study.position_probe(tiny_model, world_v2, sigmas=(0.98,), n_train=2, n_test=1)
+    assert set(res["0.98"]) == {"input", "block0"}
+    assert set(res["0.98"]["input"]) == {"frame", "row", "column"}
+    assert res["0.98"]["input"]["frame"] < 0.2  # pure noise in, a patch embedding out: no position
+    assert not tiny_model._forward_hooks and not tiny_model.blocks[0]._forward_hooks  # hooks removed
