@@ -13,7 +13,8 @@ models), a run here
   (``eval_steps`` flow-Euler steps on the shift-``sample_shift`` grid) and appends the world's analytic
   scores (colour / shape / motion correct, motion error px, HF energy, texture warp error) and whether
   the model listens to each word (``listens_*``: :func:`dcm_core.toy.study.conditioning_sensitivity`
-  at σ 0.8) to ``<run>/eval.jsonl``;
+  at σ 0.8) and whether its text embedder still tells the words of a kind apart (``word_cosine_*``:
+  :func:`dcm_core.toy.study.word_separation`) to ``<run>/eval.jsonl``;
 * at the end saves the EMA weights as a diffusers model in ``<run>/teacher`` (what ComfyUI and the
   trainer load) and the raw weights in ``<run>/teacher_raw``.
 
@@ -174,10 +175,12 @@ def evaluate_model(model: torch.nn.Module, cfg: RunConfig, *, steps: int | None 
         v = [r[k] for r in rows if math.isfinite(r[k])]
         out[k] = float(np.mean(v)) if v else float("nan")
     out["samples"] = len(rows)
-    from .study import conditioning_sensitivity  # (study imports this module)
+    from .study import conditioning_sensitivity, word_separation  # (study imports this module)
 
     for k, v in conditioning_sensitivity(model, w, sigmas=(0.8,))["0.8"].items():
         out[f"listens_{k}"] = v  # ‖Δv‖²/‖v‖² at σ 0.8 when that word is swapped: ~0 = the word is ignored
+    for k, v in word_separation(model, w).items():
+        out[f"word_cosine_{k}"] = v["max_cosine"]  # → 1: the text embedder has merged that kind's words
     return out
 
 

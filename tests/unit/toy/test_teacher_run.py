@@ -52,7 +52,8 @@ def test_eval_scores_are_written_and_cfg_sampling_runs(tmp_path):
     TR.train(_cfg(steps=2, eval_every=2, eval_steps=2), tmp_path / "e", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "e" / "eval.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["samples"] == len(TR.EVAL_PROMPTS)
-    assert {"all_ok", "motion_error_px", "hf_energy", "warp_error", "listens_shape", "listens_motion"} <= set(rows[-1])
+    assert {"all_ok", "motion_error_px", "hf_energy", "warp_error", "listens_shape", "listens_motion",
+            "word_cosine_shape", "word_cosine_direction"} <= set(rows[-1])
     model = TR.build_model(_cfg()).eval()
     noise = torch.randn(1, 16, 6, 12, 12)
     ctx = torch.randn(1, 8, 4096) * 0.05
