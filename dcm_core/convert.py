@@ -23,6 +23,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import SafetensorError
 
+from . import families as fm
 from .errors import DCMConfigError, DCMError, DCMUnsupportedFileError, DCMWriteError
 from .formats import keymaps as km
 from .formats.detect import KIND_OFFICIAL, ROLE_DETAIL, ROLE_SEMANTIC, FileInfo, info_from_header, unsupported_message
@@ -65,6 +66,13 @@ class ConvertResult:
     info: FileInfo
     semantic_info: FileInfo | None = None
     detail_info: FileInfo | None = None
+
+
+def family_metadata(info: FileInfo) -> dict[str, str]:
+    """``dcm.task`` / ``dcm.base`` / ``dcm.expert_base`` of a source file (its metadata, else what its shapes
+    tell), carried onto both converted files; keys whose value is unknown are left out."""
+    out = {fm.META_TASK: info.task, fm.META_BASE: info.base, fm.META_EXPERT_BASE: info.expert_base}
+    return {k: v for k, v in out.items() if v}
 
 
 def _check_name(name: str) -> str:
@@ -185,10 +193,13 @@ def _write_pair(
         variant=variant,
         rank=lay.rank,
         alpha=lay.alpha,
+        boundary_timestep=info.boundary_timestep,
+        schedule=info.schedule,
         extra={
             "dcm.source": os.path.basename(source),
             "dcm.alpha_source": lay.alpha_source,
             "dcm.dtype": dtype_name(tdtype) if tdtype else "source",
+            **family_metadata(info),
         },
     )
     sem_meta = native_metadata(ROLE_SEMANTIC, lay.family, partner=det_path.name, **common)
@@ -278,6 +289,8 @@ def run(args: argparse.Namespace) -> int:
         f"{km.size_label(info.family, info.dims)}; LoRA rank {info.lora_rank}, alpha {info.lora_alpha:g} "
         f"({info.alpha_source}); boundary {info.boundary_timestep:g}; preset {info.schedule}"
     )
+    base = fm.describe_base(info.base) if info.base else ("one of " + ", ".join(info.bases) if info.bases else "unknown base")
+    print(f"task {info.task or 'unknown'}; base {base}" + (f"; expert of the {info.expert_base} model" if info.expert_base else ""))
     return 0
 
 

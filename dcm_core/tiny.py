@@ -154,3 +154,105 @@ def save_official_checkpoint(model: nn.Module, path: str | Path, *, dtype=torch.
     sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(path), metadata=metadata or {"format": "pt"})
     return path
+
+
+# ---------------------------------------------------------------------------- tiny model folders (tests, dry runs)
+
+#: Words of the tiny word-level tokenizer of :func:`save_tiny_text_parts`.
+TINY_WORDS = "a cat dog runs jumps on the red blue grass in slow motion video of".split()
+#: CLIP feature width of the tiny image encoder: ComfyUI's Wan image embedder takes 1280 (ViT-H) features.
+TINY_CLIP_DIM = 1280
+#: The model layouts :func:`save_tiny_model_folder` writes (the BASES of dcm_core.families, tiny).
+TINY_FOLDER_KINDS = ("t2v", "i2v", "ti2v", "a14b-t2v", "a14b-i2v")
+
+
+def save_tiny_text_parts(root: Path) -> None:
+    """``tokenizer/`` (word level, ``</s>`` appended) + ``text_encoder/`` (UMT5, d_model 4096) of a tiny Wan folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        root / "tokenizer"
+    )
+    torch.manual_seed(0)
+    cfg = UMT5Config(vocab_size=len(vocab), d_model=4096, d_kv=8, d_ff=32, num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1)
+    UMT5EncoderModel(cfg).save_pretrained(root / "text_encoder")
+
+
+def save_tiny_wan_vae(path: Path, *, channels: int = 16) -> None:
+    """A tiny ``AutoencoderKLWan``: 16 channels, 4×/8× (Wan2.1 layout, the published statistics), or 48 channels,
+    4×/16× with the 2×2 pixel patchify and residual blocks (Wan2.2 TI2V-5B layout, its own statistics)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    if channels == 16:
+        vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+    else:
+        g = torch.Generator().manual_seed(1)
+        mean = (torch.randn(channels, generator=g) * 0.3).tolist()
+        std = (1.0 + torch.rand(channels, generator=g)).tolist()
+        vae = AutoencoderKLWan(
+            base_dim=8, z_dim=channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1, is_residual=True, patch_size=2,
+            in_channels=12, out_channels=12, scale_factor_spatial=16, latents_mean=mean, latents_std=std,
+        )  # fmt: skip
+    vae.save_pretrained(path)
+
+
+def save_tiny_clip_vision(root: Path) -> None:
+    """``image_encoder/`` (CLIPVisionModel, 1280-wide, 1 layer, 28 px → 5 tokens) + ``image_processor/``."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=TINY_CLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=28, patch_size=14, projection_dim=32)  # fmt: skip
+    CLIPVisionModel(cfg).save_pretrained(root / "image_encoder")
+    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(root / "image_processor")
+
+
+def save_tiny_model_folder(root: str | Path, kind: str, *, seed: int = 0, **dims) -> Path:
+    """A complete tiny diffusers Wan folder of one layout (``kind`` in :data:`TINY_FOLDER_KINDS`):
+
+    * ``t2v`` — 16 → 16 channels (Wan2.1 T2V);
+    * ``i2v`` — 36 → 16 channels + a CLIP image embedder, ``image_encoder/`` + ``image_processor/`` (Wan2.1 I2V);
+    * ``ti2v`` — 48 → 48 channels, the 48-channel 16× VAE (Wan2.2 TI2V-5B);
+    * ``a14b-t2v`` / ``a14b-i2v`` — ``transformer/`` (high noise) + ``transformer_2/`` (low noise, other weights),
+      ``boundary_ratio`` 0.875 / 0.9 in ``model_index.json``; the I2V pair takes 36 channels, no image embedder.
+
+    ``dims``: :func:`wan_config` sizes (default dim 128, 2 layers, ffn 256).
+    """
+    import json
+
+    if kind not in TINY_FOLDER_KINDS:
+        raise DCMConfigError(f"unknown tiny folder kind {kind!r}; one of {', '.join(TINY_FOLDER_KINDS)}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    size = {"dim": 128, "num_layers": 2, "ffn_dim": 256, **dims}
+    index: dict = {"_class_name": "WanPipeline", "_diffusers_version": "0.35.0"}
+    vae_ch = 48 if kind == "ti2v" else 16
+    if kind == "i2v":
+        cfg = wan_config(in_channels=36, out_channels=16, image_dim=TINY_CLIP_DIM, **size)
+        index["_class_name"] = "WanImageToVideoPipeline"
+        save_tiny_clip_vision(root)
+    elif kind == "ti2v":
+        cfg = wan_config(in_channels=48, out_channels=48, **size)
+        index["expand_timesteps"] = True
+        index["transformer_2"] = [None, None]
+        index["boundary_ratio"] = None
+    elif kind == "a14b-i2v":
+        cfg = wan_config(in_channels=36, out_channels=16, **size)
+        index["_class_name"] = "WanImageToVideoPipeline"
+    else:
+        cfg = wan_config(**size)
+    build_transformer(FAMILY_WAN, cfg, seed=seed).save_pretrained(root / "transformer")
+    if kind.startswith("a14b"):
+        build_transformer(FAMILY_WAN, cfg, seed=seed + 100).save_pretrained(root / "transformer_2")
+        index["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+        index["boundary_ratio"] = 0.9 if kind == "a14b-i2v" else 0.875
+    save_tiny_wan_vae(root / "vae", channels=vae_ch)
+    save_tiny_text_parts(root)
+    (root / "model_index.json").write_text(json.dumps(index, indent=1))
+    return root

@@ -34,6 +34,13 @@ BOUNDARY = (
     "Two-model bases (Wan2.2 A14B: high-noise model as semantic_model, low-noise model as detail_model): 875 for "
     "T2V, 900 for I2V, Wan2.2's own switch points."
 )
+BOUNDARY_PRESET = (
+    "Optional boundary preset; anything but 'manual' replaces boundary_timestep (routing and the "
+    "per-expert-uniform preset both use it). Wan2.2 A14B's own switch points, ComfyUI timestep convention "
+    "t = 1000·sigma: 875 for T2V, 900 for I2V (Wan2.2's boundary_ratio 0.875 / 0.900); 978 / 981 are DCM's "
+    "Wan2.1 / HunyuanVideo values. Schedule rule: a step whose floor(1000·sigma) ≤ boundary runs on detail_model "
+    "(the low-noise model of a Wan2.2 pair), every other step on semantic_model (the high-noise model)."
+)
 CFG_SEMANTIC = "Classifier-free guidance for the semantic expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
 CFG_DETAIL = "Classifier-free guidance for the detail expert. 1.0 (the DCM default) skips the negative pass and is twice as fast."
 PRESET = (
@@ -111,7 +118,10 @@ SAMPLER_DESC = (
     "official flow-Euler step, one progress bar and previews. Noise comes from the seed exactly as in KSampler. "
     + NO_STEPS_NOTE
 )
-SAMPLER_LATENT = "The latent to fill, e.g. EmptyHunyuanLatentVideo (832×480, 81 frames for Wan2.1)."
+SAMPLER_LATENT = (
+    "The latent to fill, e.g. EmptyHunyuanLatentVideo (832×480, 81 frames for Wan2.1); for image-to-video the "
+    "latent of WanImageToVideo, for Wan2.2 TI2V 5B the one of Wan22ImageToVideoLatent (its start frame stays clean)."
+)
 SEED = "The random seed for the starting noise (same noise as KSampler for the same seed)."
 SAMPLER_PRESET = PRESET + " Ignored when sigmas is connected; custom requires it."
 SAMPLER_SIGMAS = "Optional: overrides the preset with your own sigma list (e.g. from DCM Schedule)."

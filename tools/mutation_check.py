@@ -148,6 +148,22 @@ MUTATIONS: list[Mutation] = [
         ("tests/unit/test_formats_experts.py::test_detail_patches_reproduce_the_detail_expert[wan]",),
         "the detail LoRA's .alpha is r (scale 1) instead of the recipe's α (scale α/r)",
     ),
+    Mutation(
+        "family-task-check",
+        "dcm_core/formats/experts.py",
+        "if e_task and m_task and e_task != m_task:",
+        "if False:",
+        ("tests/unit/test_families_formats.py::test_refuses_i2v_expert_on_t2v_model",),
+        "an image-to-video expert loads silently onto a text-to-video model",
+    ),
+    Mutation(
+        "handover-kept-region",
+        "dcm_core/comfy_adapter/sampling.py",
+        "x = keep_unmasked(x, latent_image, denoise_mask)",
+        "pass",
+        ("tests/comfy/test_families_sampling.py::test_wan22_ti2v_5b_one_model_equals_one_stock_sampler",),
+        "the second expert keeps the TI2V start frame plus noise instead of the clean frame",
+    ),
 ]
 
 # copied into the temporary repository: everything but these (names anywhere in the tree, or top-level paths)

@@ -40,6 +40,7 @@ import latent_preview
 import torch
 
 from ..errors import DCMSamplingError, DCMScheduleError, node_errors
+from ..families import BOUNDARY_MANUAL, BOUNDARY_PRESETS, resolve_boundary
 from ..sampler import check_finite
 from ..schedule import (
     DETAIL,
@@ -146,10 +147,15 @@ def check_latent(model: Any, latent_image: torch.Tensor, *, node: str) -> None:
     dims = int(getattr(fmt, "latent_dimensions", 2))
     if latent_image.ndim != dims + 2 or latent_image.shape[1] != want:
         shape = list(latent_image.shape)
-        expect = f"[batch, {want}, frames, height/8, width/8]" if dims == 3 else f"[batch, {want}, height/8, width/8]"
+        down = 16 if want == 48 else 8  # the Wan2.2 VAE (48 channels) compresses 16× in space
+        expect = f"[batch, {want}, frames, height/{down}, width/{down}]" if dims == 3 else f"[batch, {want}, height/8, width/8]"
+        maker = (
+            "Wan22ImageToVideoLatent (the Wan2.2 TI2V 5B latent)" if want == 48
+            else "EmptyHunyuanLatentVideo (or WanImageToVideo's latent, or the matching VAE's encoder)"
+        )
         raise DCMSamplingError(
             f"{node}: latent_image has shape {shape} but the {family_label(family_of(model))} model expects "
-            f"{expect}. Use EmptyHunyuanLatentVideo (or the matching VAE's encoder) to make the latent."
+            f"{expect}. Use {maker} to make the latent."
         )
     if not bool(torch.isfinite(latent_image).all()):
         n_bad = int((~torch.isfinite(latent_image)).sum())
@@ -250,6 +256,8 @@ class DualExpertGuider(comfy.samplers.CFGGuider):
         x = latent_image
         for n, seg in enumerate(segments):
             seg_noise = noise if n == 0 else torch.zeros_like(noise)
+            if n and denoise_mask is not None:
+                x = keep_unmasked(x, latent_image, denoise_mask)
             # stochastic samplers (lcm, ancestral) must not replay segment 1's noise draws
             seg_seed = seed if seed is None else seed + n
             seg_sigmas = torch.tensor(seg.sigmas, dtype=sigmas.dtype if isinstance(sigmas, torch.Tensor) else torch.float32)
@@ -280,7 +288,41 @@ class DualExpertGuider(comfy.samplers.CFGGuider):
         return step
 
 
+def keep_unmasked(x: torch.Tensor, latent_image: torch.Tensor, denoise_mask: torch.Tensor) -> torch.Tensor:
+    """The next segment's start latent with the kept (mask 0) region put back to the input latent.
+
+    ComfyUI's sampler uses its ``latent_image`` argument both as the starting point and as the content of the
+    region the mask keeps (Wan22ImageToVideoLatent's clean first frame). Handing the first segment's output over
+    as is would make the second segment keep ``x_k/(1−σ_k)`` there — the start frame plus noise — which is what a
+    stock two-sampler chain does to a TI2V latent. Putting the input back keeps the frame clean (the flow-Euler
+    step then leaves it on its noise-free line and it ends exactly at the input); the regions being generated
+    are handed over unchanged.
+
+    Applied when the mask has the latent's rank and broadcasts to it (Wan22ImageToVideoLatent's
+    ``[batch, 1, frames, h, w]``); a mask of another shape (a pixel-space inpaint mask) is left to ComfyUI as a
+    stock chain would, with a log line."""
+    m = denoise_mask
+    try:
+        if m.ndim != x.ndim:
+            raise RuntimeError
+        torch.broadcast_shapes(tuple(m.shape), tuple(x.shape))
+    except RuntimeError:
+        log.info("%s: noise mask %s does not broadcast to the latent %s; handed over as is", SAMPLER_NODE,
+                 list(m.shape), list(x.shape))
+        return x
+    m = m.to(device=x.device, dtype=x.dtype)
+    return x * m + latent_image.to(x) * (1.0 - m)
+
+
 # --------------------------------------------------------------------------- nodes
+
+
+def boundary_preset_problem(boundary_preset: Any) -> str | None:
+    """``validate_inputs`` helper for the optional ``boundary_preset`` combo: None when it is fine (or linked /
+    absent), else the message the UI shows."""
+    if boundary_preset is None or boundary_preset in BOUNDARY_PRESETS:
+        return None
+    return f"boundary_preset {boundary_preset!r} is unknown; choose one of: {', '.join(BOUNDARY_PRESETS)}."
 
 
 def make_guider(
@@ -291,9 +333,11 @@ def make_guider(
     boundary_timestep: float,
     cfg_semantic: float,
     cfg_detail: float,
+    boundary_preset: str = BOUNDARY_MANUAL,
 ) -> DualExpertGuider:
-    """``DCM Dual-Expert Guider``."""
+    """``DCM Dual-Expert Guider``; a ``boundary_preset`` other than ``manual`` replaces ``boundary_timestep``."""
     with node_errors(GUIDER_NODE):
+        boundary_timestep = resolve_boundary(boundary_preset, boundary_timestep)
         validate_boundary(boundary_timestep)
         check_models(semantic, detail, node=GUIDER_NODE)
         guider = DualExpertGuider(semantic, detail, boundary_timestep, cfg_semantic, cfg_detail)
@@ -326,9 +370,17 @@ def sample_dual_expert(
     cfg_semantic: float,
     cfg_detail: float,
     sigmas: Any = None,
+    boundary_preset: str = BOUNDARY_MANUAL,
 ) -> dict:
-    """``DCM Dual-Expert Sampler``: noise from ``seed`` as stock KSampler makes it, then the guider + euler."""
+    """``DCM Dual-Expert Sampler``: noise from ``seed`` as stock KSampler makes it, then the guider + euler.
+
+    A ``boundary_preset`` other than ``manual`` replaces ``boundary_timestep`` for the routing and for the
+    per-expert-uniform preset. The conditioning is passed to both experts unchanged: image-to-video conditioning
+    (``concat_latent_image`` / ``concat_mask`` / ``clip_vision_output`` from WanImageToVideo) and a latent's
+    ``noise_mask`` (Wan22ImageToVideoLatent's clean first frame) reach each expert as they reach a stock sampler."""
     node = SAMPLER_NODE
+    with node_errors(node):
+        boundary_timestep = resolve_boundary(boundary_preset, boundary_timestep)
     values = sampler_sigmas(preset, boundary_timestep, sigmas)
     latent_image = comfy.sample.fix_empty_latent_channels(semantic, latent["samples"])
     # the boundary, models, latent and batches are checked by DualExpertGuider.sample, before any model work

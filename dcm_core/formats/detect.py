@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .. import families as fm
 from ..errors import DCMFormatError, DCMUnsupportedFileError
 from ..modeling import DEFAULT_LORA_ALPHA, DEFAULT_LORA_RANK, EXPERT_MODULES
-from ..schedule import DEFAULT_BOUNDARY_TIMESTEP, DEFAULT_PRESET, FAMILY_HUNYUAN, FAMILY_WAN
+from ..schedule import DEFAULT_BOUNDARY_TIMESTEP, DEFAULT_PRESET, FAMILY_HUNYUAN, FAMILY_WAN, PRESET_PER_EXPERT_UNIFORM
 from . import keymaps as km
 from .safetensors_io import FLOAT_ST_DTYPES, Header, read_header
 
@@ -87,6 +88,14 @@ class FileInfo:
     notes: tuple[str, ...] = ()
     #: Official files: the parsed :class:`OfficialLayout`, so loading / converting need not parse again.
     layout: "OfficialLayout | None" = field(default=None, repr=False, compare=False)
+    #: ``t2v`` / ``i2v`` / ``ti2v`` (metadata ``dcm.task``, else from the tensor shapes); None if unknown.
+    task: str | None = None
+    #: A key of :data:`dcm_core.families.BASES` (metadata ``dcm.base``, else the one base the shapes fit).
+    base: str | None = None
+    #: ``high_noise`` / ``low_noise`` for an expert of a two-transformer base (metadata ``dcm.expert_base``).
+    expert_base: str | None = None
+    #: Every base the tensor shapes fit (more than one when only metadata can tell, e.g. Wan2.1 14B vs A14B).
+    bases: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -113,6 +122,14 @@ class FileInfo:
         role = {KIND_SEMANTIC: ROLE_SEMANTIC, KIND_DETAIL: ROLE_DETAIL, KIND_OFFICIAL: "semantic + detail_expert"}.get(self.kind)
         if role:
             lines.append(f"role:       {role}")
+        if self.task:
+            lines.append(f"task:       {self.task} — {TASK_LABELS.get(self.task, self.task)}")
+        if self.base:
+            lines.append(f"base:       {fm.describe_base(self.base)}")
+        elif len(self.bases) > 1:
+            lines.append("base:       one of " + ", ".join(self.bases) + " (the shapes fit each; metadata dcm.base would tell)")
+        if self.expert_base:
+            lines.append(f"expert of:  {self.expert_base} — {EXPERT_BASE_LABELS.get(self.expert_base, '')}")
         if self.dims:
             lines.append(f"size:       {self.size_label}")
             lines.append("dims:       " + ", ".join(f"{k}={v}" for k, v in self.dims.items()))
@@ -135,6 +152,18 @@ class FileInfo:
         for n in self.notes:
             lines.append(f"note:       {n}")
         return "\n".join(lines)
+
+
+TASK_LABELS = {
+    fm.TASK_T2V: "text-to-video",
+    fm.TASK_I2V: "image-to-video (mask + first-frame latent concatenated on the channel axis)",
+    fm.TASK_TI2V: "text+image-to-video (Wan2.2 5B: clean first latent frame, 48-channel Wan2.2 VAE)",
+}
+EXPERT_BASE_LABELS = {
+    fm.HIGH_NOISE: "the Wan2.2 A14B high-noise transformer (transformer/): use it as semantic_model",
+    fm.LOW_NOISE: "the Wan2.2 A14B low-noise transformer (transformer_2/): apply it onto the stock low-noise model "
+    "and use that as detail_model",
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -390,6 +419,87 @@ def parse_official(header: Header) -> OfficialLayout:
     )
 
 
+# --------------------------------------------------------------------------- families (task / base / expert base)
+
+
+def family_fields(path: str, family: str | None, dims: Mapping, meta: Mapping[str, str]) -> dict:
+    """``task`` / ``base`` / ``expert_base`` / ``bases`` of a file from its ``dcm.task`` / ``dcm.base`` /
+    ``dcm.expert_base`` metadata, checked against what the tensor shapes (``dims``) say; from the shapes alone
+    when the metadata is absent. A contradiction is a :class:`DCMFormatError` naming both sides."""
+    shape_task = fm.task_from_dims(family, dims) if dims else None
+    bases = fm.bases_for(family, dims) if dims and "in_dim" in dims else ()
+    task = meta.get(fm.META_TASK)
+    if task is not None and task not in fm.TASKS:
+        raise DCMFormatError(
+            f"{path}: metadata {fm.META_TASK}={task!r} is not one of {', '.join(fm.TASKS)}; the file was edited."
+        )
+    if task and shape_task and task != shape_task:
+        raise DCMFormatError(
+            f"{path}: metadata says a {task} model but the tensors are {shape_task} (input channels "
+            f"{dims.get('in_dim')}, output channels {dims.get('out_dim')}). The file is mislabelled; re-export it."
+        )
+    base_id = meta.get(fm.META_BASE)
+    if base_id is not None:
+        base = fm.BASES.get(base_id)
+        if base is None:
+            raise DCMUnsupportedFileError(
+                f"{path} was made for the base {base_id!r}, which this DCM pack does not know (it knows "
+                f"{', '.join(fm.BASES)}). Update the DCM custom nodes."
+            )
+        if family and base.family != family:
+            raise DCMFormatError(
+                f"{path}: metadata {fm.META_BASE}={base_id!r} is a {km.family_label(base.family)} base but the file "
+                f"is a {km.family_label(family)} model; the file was edited."
+            )
+        if (task or shape_task) and base.task != (task or shape_task):
+            raise DCMFormatError(
+                f"{path}: metadata {fm.META_BASE}={base_id!r} is a {base.task} base but the file is a "
+                f"{task or shape_task} model; the file is mislabelled. Re-export it."
+            )
+        if bases and base_id not in bases:
+            raise DCMFormatError(
+                f"{path}: metadata {fm.META_BASE}={base_id!r} ({base.label}: {base.in_channels} input channels"
+                f"{', image embedder' if base.image_embedder else ''}) does not match the tensors "
+                f"({dims.get('in_dim')} input channels{', image embedder' if dims.get('image_dim') else ''}); "
+                f"the file is mislabelled. Re-export it."
+            )
+    elif len(bases) == 1:
+        base_id = bases[0]
+    expert_base = meta.get(fm.META_EXPERT_BASE)
+    if expert_base is not None:
+        if expert_base not in fm.EXPERT_BASES:
+            raise DCMFormatError(
+                f"{path}: metadata {fm.META_EXPERT_BASE}={expert_base!r} is not one of "
+                f"{', '.join(fm.EXPERT_BASES)}; the file was edited."
+            )
+        b = fm.BASES.get(base_id or "")
+        if b is not None and not b.two_transformers:
+            raise DCMFormatError(
+                f"{path}: metadata {fm.META_EXPERT_BASE}={expert_base!r}, but {b.label} has one transformer; "
+                f"the file was edited."
+            )
+    if task is None:
+        task = shape_task or (fm.BASES[base_id].task if base_id in fm.BASES else None)
+    return dict(task=task, base=base_id, expert_base=expert_base, bases=bases)
+
+
+def default_boundary(family: str, base_id: str | None) -> float:
+    """A file's boundary when its metadata gives none: the two-transformer base's own switch, else DCM's."""
+    b = fm.BASES.get(base_id or "")
+    if b is not None and b.boundary_timestep is not None:
+        return b.boundary_timestep
+    return DEFAULT_BOUNDARY_TIMESTEP[family]
+
+
+def default_schedule(family: str, base_id: str | None) -> str:
+    """A file's preset when its metadata gives none: per-expert-uniform on a two-transformer base (the official
+    Wan2.1 list would give the low-noise model one step of six at 875), else the family's official list."""
+    b = fm.BASES.get(base_id or "")
+    if b is not None and b.two_transformers:
+        return PRESET_PER_EXPERT_UNIFORM
+    return DEFAULT_PRESET[family]
+
+
 # --------------------------------------------------------------------------- pack-native metadata
 
 
@@ -444,6 +554,13 @@ def _native_info(header: Header) -> FileInfo:
             )
         if not dims:
             dims = actual_dims
+        # the shapes are the truth for a full model (metadata dims may predate in_dim / out_dim)
+        dims = {**dims, **{k: actual_dims[k] for k in ("in_dim", "out_dim", "image_dim") if k in actual_dims}}
+        if "image_dim" not in actual_dims:
+            dims.pop("image_dim", None)
+    else:
+        _check_detail_task(p, family, dims, header)
+    fam_fields = family_fields(p, family, dims, meta)
     return FileInfo(
         path=p,
         kind=kind,
@@ -455,10 +572,25 @@ def _native_info(header: Header) -> FileInfo:
         alpha_source="metadata:dcm.lora_alpha" if "dcm.lora_alpha" in meta else None,
         dtype=dtype_summary(header),
         tensor_count=len(header.entries),
-        boundary_timestep=_meta_float(p, meta, "dcm.boundary_timestep") or DEFAULT_BOUNDARY_TIMESTEP[family],
-        schedule=meta.get("dcm.schedule") or DEFAULT_PRESET[family],
+        boundary_timestep=_meta_float(p, meta, "dcm.boundary_timestep") or default_boundary(family, fam_fields["base"]),
+        schedule=meta.get("dcm.schedule") or default_schedule(family, fam_fields["base"]),
         metadata=dict(meta),
+        **fam_fields,
     )
+
+
+def _check_detail_task(path: str, family: str, dims: Mapping, header: Header) -> None:
+    """A Wan detail file replaces the whole condition embedder: it carries ``img_emb`` diffs exactly when its
+    model has an image embedder. Metadata dims that disagree with the tensors mean an edited file."""
+    if family != FAMILY_WAN or not dims:
+        return
+    has_img = any(k.startswith("diffusion_model.img_emb.") for k in header.entries)
+    replaces_embedder = any(k.startswith("diffusion_model.text_embedding.") for k in header.entries)
+    if replaces_embedder and has_img != bool(dims.get("image_dim")):
+        raise DCMFormatError(
+            f"{path}: metadata dcm.dims says the model {'has' if dims.get('image_dim') else 'has no'} image embedder, "
+            f"but the file {'patches' if has_img else 'does not patch'} img_emb. The file was edited; re-convert it."
+        )
 
 
 # --------------------------------------------------------------------------- inspect
@@ -484,6 +616,7 @@ def info_from_header(header: Header) -> FileInfo:
         lay = parse_official(header)
         comfy_shapes = {op.out: op.shape for op in km.diffusers_to_comfy_plan(lay.family, lay.base_shapes, where=p)}
         dims = km.check_complete(lay.family, comfy_shapes, where=p)
+        fam_fields = family_fields(p, lay.family, dims, meta)
         return FileInfo(
             kind=KIND_OFFICIAL,
             family=lay.family,
@@ -492,8 +625,9 @@ def info_from_header(header: Header) -> FileInfo:
             lora_rank=lay.rank,
             lora_alpha=lay.alpha,
             alpha_source=lay.alpha_source,
-            boundary_timestep=DEFAULT_BOUNDARY_TIMESTEP[lay.family],
-            schedule=DEFAULT_PRESET[lay.family],
+            boundary_timestep=_meta_float(p, meta, "dcm.boundary_timestep") or default_boundary(lay.family, fam_fields["base"]),
+            schedule=meta.get("dcm.schedule") or default_schedule(lay.family, fam_fields["base"]),
+            **fam_fields,
             notes=tuple(lay.notes)
             + ("convert it with `python -m dcm_core convert FILE --out-dir DIR`, or load it with the DCM Checkpoint Loader node",),
             layout=lay,
@@ -525,11 +659,15 @@ def info_from_header(header: Header) -> FileInfo:
             except DCMFormatError:
                 dims = {}
     if fam is not None:
+        bases = fm.bases_for(fam, dims) if dims else ()
         return FileInfo(
             kind=KIND_BASE,
             family=fam,
             variant=km.variant_from_dims(fam, dims) if dims else None,
             dims=dims,
+            task=fm.task_from_dims(fam, dims) if dims else None,
+            base=bases[0] if len(bases) == 1 else None,
+            bases=bases,
             notes=(f"a plain {km.family_label(fam)} model: load it with the stock Load Diffusion Model (UNETLoader) node",),
             **common,
         )

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from .. import families as fm
 from ..errors import DCMFileNotFoundError, DCMFormatError, DCMIncompatibleModelError, DCMUnsupportedFileError
 from ..schedule import DEFAULT_BOUNDARY_TIMESTEP, DEFAULT_PRESET, FAMILY_HUNYUAN, FAMILY_WAN
 from . import keymaps as km
@@ -232,7 +233,21 @@ def detail_out_dtype(src: torch.dtype, dtype: torch.dtype | None) -> torch.dtype
     return dtype
 
 
-def produce_semantic(op: km.Op, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
+def produce_semantic(
+    op: km.Op, get: Callable[[str], torch.Tensor], dtype: torch.dtype | None, *, reader: SafeReader | None = None
+) -> torch.Tensor:
+    """Materialise one semantic tensor in its storage dtype.
+
+    With ``reader``, a plain copy is read and converted in one pass through the reader's reused scratch buffer
+    (:meth:`SafeReader.get` with ``dtype``): no full-size source-dtype tensor is allocated per weight, which for
+    an fp32 file loaded as bf16 saves a fresh allocation (page faults + zeroing) of the whole fp32 model. The
+    result is bit-identical (``copy_`` rounds as ``.to`` does).
+    """
+    if reader is not None and op.kind == "copy":
+        e = reader.header.entries[op.sources[0]]
+        if e.torch_dtype.is_floating_point:
+            out = semantic_out_dtype(e.torch_dtype, dtype, op.out, len(e.shape))
+            return km.run_op(op, lambda key: reader.get(key, dtype=out))
     t = km.run_op(op, get)
     out = semantic_out_dtype(t.dtype, dtype, op.out, t.ndim)
     return t.to(out) if t.dtype != out else t
@@ -516,7 +531,7 @@ def load_official(
     patches: dict[str, torch.Tensor] = {}
     with SafeReader(header.path, header) as r:
         for op in plan.semantic:
-            sem[op.out] = produce_semantic(op, r.get, dtype)
+            sem[op.out] = produce_semantic(op, r.get, dtype, reader=r)
         for op in plan.detail:
             patches[op.out] = produce_detail(op, r.get, dtype, dtype)
     detail_info = FileInfo(
@@ -532,6 +547,10 @@ def load_official(
         tensor_count=len(patches),
         boundary_timestep=info.boundary_timestep,
         schedule=info.schedule,
+        task=info.task,
+        base=info.base,
+        expert_base=info.expert_base,
+        bases=info.bases,
     )
     detail = DetailExpert(
         info=detail_info, family=plan.family, patches=patches, expected_targets=targets_of(patches), dims=plan.dims
@@ -559,6 +578,14 @@ def load_experts(
         return load_official(path, dtype=dtype, header=header, info=info)
     if info.kind == KIND_SEMANTIC:
         partner = info.metadata.get("dcm.detail_expert")
+        if not partner and info.expert_base == fm.HIGH_NOISE:
+            raise DCMUnsupportedFileError(
+                f"{header.path} is the DCM semantic expert of Wan2.2's high-noise transformer "
+                f"({fm.describe_base(info.base) if info.base else 'a Wan2.2 A14B base'}); its detail expert belongs to "
+                f"the other transformer. Load this file with Load Diffusion Model (UNETLoader) as semantic_model, the "
+                f"stock low-noise model + its DCM detail expert (DCM Expert LoRA Loader) as detail_model, and sample "
+                f"with DCM Dual-Expert Sampler (boundary preset {info.boundary_timestep:g})."
+            )
         if not partner:
             raise DCMFormatError(
                 f"{header.path} is a DCM semantic expert but its metadata does not name a detail expert "
@@ -584,18 +611,28 @@ def load_experts(
             f"{os.path.basename(sem_path)} is a {km.family_label(sem_info.family)} model; use the pair written by one "
             f"convert run."
         )
-    check_compatible(detail, {COMFY_PREFIX + k: tuple(v.shape) for k, v in sem.items()}, name=os.path.basename(sem_path))
+    check_compatible(
+        detail, {COMFY_PREFIX + k: tuple(v.shape) for k, v in sem.items()}, name=os.path.basename(sem_path), model_info=sem_info
+    )
     return ExpertBundle(info=sem_info, family=sem_info.family, semantic_sd=sem, detail=detail, sources=(sem_path, det_path))
 
 
 # --------------------------------------------------------------------------- compatibility
 
 
-def check_compatible(detail: DetailExpert, model_shapes: Mapping[str, tuple[int, ...]], *, name: str = "model") -> None:
+def check_compatible(
+    detail: DetailExpert,
+    model_shapes: Mapping[str, tuple[int, ...]],
+    *,
+    name: str = "model",
+    model_info: FileInfo | None = None,
+) -> None:
     """Raise :class:`DCMIncompatibleModelError` if ``detail`` cannot patch a model with these shapes.
 
     ``model_shapes`` maps ComfyUI model state-dict keys (``diffusion_model.`` prefix; bare keys are
-    accepted too) to shapes. Checks family, size (dim / depth), missing targets and shapes.
+    accepted too) to shapes. Checks family, task (text / image / text+image-to-video, from the input
+    channels), size (dim / depth), missing targets and shapes; with ``model_info`` (what the model's file
+    says) also the base and which transformer of a two-transformer base (``dcm.expert_base``) it is.
     """
     shapes = {k: tuple(v) for k, v in model_shapes.items()}
     if shapes and not any(k.startswith(COMFY_PREFIX) for k in shapes):
@@ -619,6 +656,7 @@ def check_compatible(detail: DetailExpert, model_shapes: Mapping[str, tuple[int,
     except DCMFormatError:
         mdims = {}
     ddims = detail.dims or {}
+    check_family_fit(detail.info, mdims, model_info, src=src, name=name)
     keys = ("dim", "num_layers") + (("num_single_layers",) if fam == FAMILY_HUNYUAN else ())
     if mdims and ddims and any(k in ddims and ddims.get(k) != mdims.get(k) for k in keys):
         raise DCMIncompatibleModelError(
@@ -657,6 +695,58 @@ def check_compatible(detail: DetailExpert, model_shapes: Mapping[str, tuple[int,
         raise DCMIncompatibleModelError(
             f"{src} does not fit {name}: shape mismatch at {shown}. Use the semantic model from the same DCM checkpoint."
         )
+
+
+def check_family_fit(
+    expert: FileInfo | None, model_dims: Mapping, model_info: FileInfo | None, *, src: str, name: str
+) -> None:
+    """Refuse an expert made for another task / base / transformer than the model's, naming both and the fix.
+
+    * task: an image-to-video expert on a text-to-video model (or TI2V-5B on either) — from the experts'
+      recorded dims / ``dcm.task`` against the model's input channels;
+    * base: both files say ``dcm.base`` and they differ;
+    * two-transformer bases: a ``low_noise`` detail expert (it applies onto Wan2.2's stock low-noise model) on a
+      model whose file says it is the ``high_noise`` one, and the reverse.
+    """
+    if expert is None:
+        return
+    m_task = fm.task_from_dims(expert.family, model_dims) if model_dims else None
+    if model_info is not None and model_info.task:
+        m_task = m_task or model_info.task
+    e_task = expert.task
+    if e_task and m_task and e_task != m_task:
+        fix = {
+            fm.TASK_I2V: "Load the image-to-video base it was made for (Wan2.1 I2V 14B / Wan2.2 I2V A14B, 36 input "
+            "channels) and feed it WanImageToVideo's conditioning",
+            fm.TASK_T2V: "Load the text-to-video base it was made for (16 input channels)",
+            fm.TASK_TI2V: "Load Wan2.2 TI2V 5B (48 channels, the Wan2.2 VAE) and make the latent with Wan22ImageToVideoLatent",
+        }[e_task]
+        raise DCMIncompatibleModelError(
+            f"{src} is a {e_task} DCM expert ({fm.describe_base(expert.base) if expert.base else e_task}) but {name} "
+            f"is a {m_task} model ({model_dims.get('in_dim', '?')} input channels, {model_dims.get('out_dim', '?')} "
+            f"latent channels). {fix}, or use the expert made for this model."
+        )
+    if model_info is None:
+        return
+    if expert.base and model_info.base and expert.base != model_info.base:
+        raise DCMIncompatibleModelError(
+            f"{src} was made for {fm.describe_base(expert.base)} but {name} is {fm.describe_base(model_info.base)}. "
+            f"Use the base model the expert was trained from."
+        )
+    e_side, m_side = expert.expert_base, model_info.expert_base
+    if e_side and m_side and e_side != m_side:
+        if e_side == fm.LOW_NOISE:
+            how = (
+                f"{src} is the detail expert of the Wan2.2 low-noise transformer; it applies onto the stock low-noise "
+                f"model (UNETLoader → DCM Expert LoRA Loader → detail_model), not onto {name}, which is the "
+                f"high-noise model (connect that one as semantic_model)."
+            )
+        else:
+            how = (
+                f"{src} belongs to the Wan2.2 high-noise transformer but {name} is the low-noise model. Connect the "
+                f"high-noise model as semantic_model and the low-noise model as detail_model."
+            )
+        raise DCMIncompatibleModelError(how)
 
 
 def default_name(path: str | os.PathLike) -> str:

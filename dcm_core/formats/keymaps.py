@@ -594,9 +594,12 @@ def check_complete(family: str, shapes: Mapping[str, Shape], *, where: str) -> d
 
 
 def variant_from_dims(family: str, dims: Mapping) -> str:
-    """``t2v`` or ``i2v`` (Wan: an image embedder present; HunyuanVideo: more than 16 input channels)."""
+    """``t2v``, ``i2v`` or ``ti2v`` (Wan: an image embedder or 36 input channels is i2v, 48 in / 48 out the
+    Wan2.2 TI2V 5B; HunyuanVideo: more than 16 input channels is i2v)."""
     if family == FAMILY_WAN:
-        return "i2v" if dims.get("image_dim") else "t2v"
+        if dims.get("image_dim") or dims.get("in_dim") == 36:
+            return "i2v"
+        return "ti2v" if dims.get("in_dim") == 48 and dims.get("out_dim") == 48 else "t2v"
     return "i2v" if int(dims.get("in_dim", 16)) > 16 else "t2v"
 
 

@@ -135,14 +135,15 @@ class ScheduleConfig:
         default=None,
         metadata=_help(
             "First grid index of the semantic sub-trajectory: the semantic stage trains k ∈ [k0, grid_steps−1] "
-            "towards σ_prev[k0]; the detail stage k ∈ [0, k0−1] towards σ_prev[0]. Empty: Wan 35, HunyuanVideo 38."
+            "towards σ_prev[k0]; the detail stage k ∈ [0, k0−1] towards σ_prev[0]. Empty: Wan 35, HunyuanVideo 38; a "
+            "two-transformer base (Wan2.2 A14B) its boundary index (T2V 875 → 14, I2V 900 → 17)."
         ),
     )
     boundary_timestep: float | None = field(
         default=None,
         metadata=_help(
             "Routing threshold of the validation sampler (floor(1000·σ) ≤ it → detail expert). Empty: Wan 978, "
-            "HunyuanVideo 981 (the official inference values)."
+            "HunyuanVideo 981 (the official inference values); a Wan2.2 A14B base its own boundary (875 / 900)."
         ),
     )
 

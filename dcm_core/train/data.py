@@ -9,6 +9,15 @@ Layout (dcm-method.md §7.1)::
     DATASET/prompt_embed/a.safetensors  text embedding [L, 4096]  (HunyuanVideo: [1 + L, 4096], token 0 = CLIP pooled)
     DATASET/prompt_attention_mask/a.safetensors   mask [L]
     DATASET/uncond/prompt_embed.safetensors       the embedding of "" (+ uncond/prompt_attention_mask.safetensors)
+    DATASET/latent_format.json          the VAE's latent format (channels, mean/std, compression; preprocess)
+
+Image conditioning (image-to-video bases; optional item keys, written by preprocess):
+
+    "image_latent_path": DATASET/image_latent/a.safetensors   raw VAE latent of the conditioning image: Wan I2V
+                          [C, T, H, W] (the clip's first frame followed by black frames, encoded as the pipeline does);
+                          Wan2.2 TI2V [C, 1, H, W] (the first frame alone)
+    "clip_feature_path":  DATASET/clip_feature/a.safetensors  CLIP image features [N, D] (models with an image
+                          embedder, Wan2.1 I2V: the penultimate hidden states of the image encoder)
 
 Each safetensors file holds one tensor (any key; ``latent`` / ``prompt_embed`` /
 ``prompt_attention_mask`` by our preprocess). FastVideo's pickled ``.pt`` files are refused:
@@ -41,6 +50,9 @@ LATENT_DIR = "latent"
 EMBED_DIR = "prompt_embed"
 MASK_DIR = "prompt_attention_mask"
 UNCOND_DIR = "uncond"
+IMAGE_LATENT_DIR = "image_latent"
+CLIP_FEATURE_DIR = "clip_feature"
+LATENT_FORMAT_JSON = "latent_format.json"
 
 
 def _check_not_pickle(path: Path) -> None:
@@ -84,6 +96,8 @@ class LatentItem:
     prompt_mask: torch.Tensor  # [L] bool
     caption: str
     index: int
+    image_latent: torch.Tensor | None = None  # raw VAE latent of the conditioning image [C, T or 1, H, W]
+    clip_feature: torch.Tensor | None = None  # CLIP image features [N, D]
 
 
 class LatentDataset(Dataset):
@@ -117,6 +131,30 @@ class LatentDataset(Dataset):
                 _check_not_pickle(Path(it[key]))
         self.items: list[dict[str, Any]] = items
         self.num_latent_t = int(num_latent_t)
+        n_img = sum("image_latent_path" in it for it in items)
+        if n_img not in (0, len(items)):
+            raise DCMFormatError(
+                f"{json_path}: {n_img} of {len(items)} items have an image_latent_path; an image-conditioned dataset "
+                f"needs it on every item. Re-run preprocess with --overwrite."
+            )
+        self.has_images = n_img > 0
+        self.has_clip = self.has_images and all("clip_feature_path" in it for it in items)
+        if self.has_images and self.num_latent_t:
+            raise DCMConfigError(
+                f"data.num_latent_t={self.num_latent_t} keeps the last latent frames, but {json_path} is image-conditioned "
+                f"(its first frame is the conditioning image). Set data.num_latent_t = 0 and preprocess at the wanted "
+                f"--frames instead."
+            )
+
+    def latent_format(self) -> dict | None:
+        """The VAE latent format preprocess stored (``latent_format.json``), or None for older datasets."""
+        p = self.root / LATENT_FORMAT_JSON
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise DCMFormatError(f"{p} is not valid JSON: {e}. Re-run preprocess.") from None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -143,7 +181,22 @@ class LatentDataset(Dataset):
         mask = load_single_tensor(self.root / MASK_DIR / it["prompt_attention_mask"])
         if mask.ndim == 2 and mask.shape[0] == 1:
             mask = mask[0]
-        return LatentItem(latent, embed, mask.bool(), str(it.get("caption", "")), int(index))
+        image = clip = None
+        if self.has_images:
+            image = load_single_tensor(self.root / IMAGE_LATENT_DIR / it["image_latent_path"]).float()
+            if image.ndim == 5 and image.shape[0] == 1:
+                image = image[0]
+            if (image.ndim != 4 or image.shape[0] != latent.shape[0] or image.shape[2:] != latent.shape[2:]
+                    or image.shape[1] not in (1, latent.shape[1])):  # fmt: skip
+                raise DCMFormatError(
+                    f"image latent {it['image_latent_path']} has shape {tuple(image.shape)}; the clip latent is "
+                    f"{tuple(latent.shape)} (same channels and size expected). Re-run preprocess for this item."
+                )
+        if self.has_clip:
+            clip = load_single_tensor(self.root / CLIP_FEATURE_DIR / it["clip_feature_path"])
+            if clip.ndim == 3 and clip.shape[0] == 1:
+                clip = clip[0]
+        return LatentItem(latent, embed, mask.bool(), str(it.get("caption", "")), int(index), image, clip)
 
 
 def load_uncond(dataset_root: str | Path | None, explicit: str = "") -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -181,22 +234,37 @@ def load_uncond(dataset_root: str | Path | None, explicit: str = "") -> tuple[to
 
 @dataclass
 class Batch:
-    """A collated batch: raw latents [B, C, T, H, W], text [B, L, D], mask [B, L]."""
+    """A collated batch: raw latents [B, C, T, H, W], text [B, L, D], mask [B, L] (+ image conditioning)."""
 
     latents: torch.Tensor
     prompt_embeds: torch.Tensor
     prompt_masks: torch.Tensor
     indices: torch.Tensor
     captions: list[str]
+    image_latents: torch.Tensor | None = None  # raw [B, C, T or 1, H, W]
+    clip_features: torch.Tensor | None = None  # [B, N, D]
 
     def to(self, device: torch.device | str) -> "Batch":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Batch(
             self.latents.to(device),
             self.prompt_embeds.to(device),
             self.prompt_masks.to(device),
             self.indices,
             self.captions,
+            mv(self.image_latents),
+            mv(self.clip_features),
         )
+
+    def with_text(self, prompt_embeds: torch.Tensor, prompt_masks: torch.Tensor, captions: list[str] | None = None) -> "Batch":
+        """The same batch (latents, image conditioning) with other text: caption dropout and the CFG unconditional
+        drop the text and keep the image."""
+        import dataclasses
+
+        return dataclasses.replace(
+            self, prompt_embeds=prompt_embeds, prompt_masks=prompt_masks,
+            captions=self.captions if captions is None else captions,
+        )  # fmt: skip
 
 
 def collate(items: Sequence[LatentItem]) -> Batch:
@@ -220,7 +288,12 @@ def collate(items: Sequence[LatentItem]) -> Batch:
     for i, it in enumerate(items):
         emb[i, : it.prompt_embed.shape[0]] = it.prompt_embed
         mask[i, : it.prompt_mask.shape[0]] = it.prompt_mask
-    return Batch(lat, emb, mask, torch.tensor([it.index for it in items]), [it.caption for it in items])
+    image = clip = None
+    if items[0].image_latent is not None:
+        image = torch.stack([it.image_latent for it in items])
+    if items[0].clip_feature is not None:
+        clip = torch.stack([it.clip_feature for it in items])
+    return Batch(lat, emb, mask, torch.tensor([it.index for it in items]), [it.caption for it in items], image, clip)
 
 
 def apply_caption_dropout(
@@ -249,7 +322,7 @@ def apply_caption_dropout(
     for i in torch.nonzero(drop).flatten().tolist():
         emb[i] = ue.to(emb.dtype).to(emb.device)
         mask[i] = um.to(mask.device)
-    return Batch(batch.latents, emb, mask, batch.indices, batch.captions), drop
+    return batch.with_text(emb, mask), drop
 
 
 def pad_uncond(uncond: tuple[torch.Tensor, torch.Tensor], length: int, mask_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,21 +484,29 @@ def write_item(
     prompt_embed: torch.Tensor,
     prompt_attention_mask: torch.Tensor,
     caption: str = "",
+    image_latent: torch.Tensor | None = None,
+    clip_feature: torch.Tensor | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write one sample's three files (atomically) and return its ``videos2caption.json`` record."""
+    """Write one sample's files (atomically) and return its ``videos2caption.json`` record."""
     root, fname = Path(root), f"{name}.safetensors"
     save_state_dict({"latent": latent.contiguous()}, root / LATENT_DIR / fname)
     save_state_dict({"prompt_embed": prompt_embed.contiguous()}, root / EMBED_DIR / fname)
     save_state_dict({"prompt_attention_mask": prompt_attention_mask.contiguous()}, root / MASK_DIR / fname)
-    return {
+    rec: dict[str, Any] = {
         "latent_path": fname,
         "prompt_embed_path": fname,
         "prompt_attention_mask": fname,
         "length": int(latent.shape[-3]),
         "caption": caption,
-        **extra,
     }
+    if image_latent is not None:
+        save_state_dict({"image_latent": image_latent.contiguous()}, root / IMAGE_LATENT_DIR / fname)
+        rec["image_latent_path"] = fname
+    if clip_feature is not None:
+        save_state_dict({"clip_feature": clip_feature.contiguous()}, root / CLIP_FEATURE_DIR / fname)
+        rec["clip_feature_path"] = fname
+    return {**rec, **extra}
 
 
 def write_latent_dataset(

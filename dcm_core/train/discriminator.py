@@ -79,10 +79,17 @@ def decode_features(
 ) -> torch.Tensor:
     """Decode one hidden-state map with the model's own output head at the captured ``temb``.
 
-    Wan: ``shift, scale = (scale_shift_table + temb)``, ``norm_out(x)·(1+scale)+shift``, ``proj_out``;
+    Wan: ``shift, scale = (scale_shift_table + temb)``, ``norm_out(x)·(1+scale)+shift``, ``proj_out`` (per token when
+    ``temb`` is [B, tokens, D], Wan2.2 TI2V's per-token timesteps, as the model's own head does);
     HunyuanVideo: ``norm_out(x, temb)``, ``proj_out``. Then unpatchify (dcm-method.md §6.2 step 6).
     """
-    if family == FAMILY_WAN:
+    if family == FAMILY_WAN and temb.ndim == 3:
+        # per-token timesteps (Wan2.2 TI2V, clean first frame): temb [B, tokens, D], one shift / scale per token
+        sst = model.scale_shift_table.to(temb.device)  # [1, 2, D]
+        shift, scale = (sst.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+        h = (model.norm_out(feature.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(feature)
+        h = model.proj_out(h)
+    elif family == FAMILY_WAN:
         shift, scale = (model.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         h = (model.norm_out(feature.float()) * (1 + scale) + shift).type_as(feature)
         h = model.proj_out(h)

@@ -16,6 +16,13 @@ Output folder (default ``RUN_DIR/export``)::
         detail stage: the pack-native ComfyUI files, made by dcm_core.formats.convert_official.
     export_info.json
 
+Bases other than a one-transformer text-to-video one (dcm_core.families: Wan I2V, Wan2.2 TI2V-5B, Wan2.2 A14B) get
+``dcm.task`` / ``dcm.base`` (and ``dcm.expert_base``) on every file. A two-transformer base (Wan2.2 A14B) exports one
+ComfyUI file per stage: the semantic stage ``NAME_semantic.safetensors`` (the full high-noise student, ComfyUI keys,
+``dcm.expert_base = high_noise``), the detail stage ``NAME_detail_expert.safetensors`` only (a ComfyUI LoRA + diffs
+relative to the stock low-noise transformer, ``dcm.expert_base = low_noise``); both carry the model's own
+``dcm.boundary_timestep`` (875 T2V, 900 I2V).
+
 Everything is written into a temporary folder beside the destination and renamed into place
 at the end: a failure leaves no half-written export (and a previous export stays as it was).
 A write that fails (disk full, no permission) ends in a :class:`~dcm_core.errors.DCMWriteError`
@@ -41,9 +48,106 @@ from ..errors import DCMCheckpointError, DCMConfigError, DCMError, DCMWriteError
 from ..modeling import DETAIL_ADAPTER, LORA_TARGET_MODULES, family_of_model
 from . import checkpoint as ck
 from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig, from_dict
-from .models import DTYPES, TRANSFORMER_WEIGHTS, build_student, merged_semantic_state_dict
+from .models import (
+    DTYPES,
+    TRANSFORMER_WEIGHTS,
+    base_of,
+    build_student,
+    merged_semantic_state_dict,
+    model_root,
+    two_transformer_boundary,
+)
 
 log = logging.getLogger("DCM.train")
+
+
+def family_metadata(cfg: TrainConfig, student: nn.Module) -> tuple[dict[str, str], Any, float | None]:
+    """``(dcm.task / dcm.base / dcm.expert_base metadata, Base, two-transformer boundary)`` of a run's student."""
+    from ..families import HIGH_NOISE, LOW_NOISE, META_BASE, META_EXPERT_BASE, META_TASK
+
+    root = model_root(cfg.model.pretrained)
+    ratio = two_transformer_boundary(root) if root is not None else None
+    base = base_of(student, two_transformers=ratio is not None)
+    meta: dict[str, str] = {}
+    if base is not None:
+        meta[META_TASK] = base.task
+        meta[META_BASE] = base.id
+    if ratio is not None:
+        meta[META_EXPERT_BASE] = HIGH_NOISE if cfg.stage == STAGE_SEMANTIC else LOW_NOISE
+    return meta, base, None if ratio is None else 1000.0 * ratio
+
+
+def write_native_files(
+    sd: dict[str, torch.Tensor],
+    out_dir: Path,
+    name: str,
+    *,
+    family: str,
+    roles: tuple[str, ...],
+    dtype: str,
+    lora_alpha: float | None,
+    boundary_timestep: float,
+    extra: dict[str, str],
+) -> dict[str, str]:
+    """Write pack-native files with the family metadata, through dcm_core.formats' plans and writer.
+
+    ``sd``: a plain diffusers state dict (``roles = ('semantic',)``: the full model in ComfyUI keys) or the official
+    combined layout of a detail student (``'semantic'`` and / or ``'detail_expert'``). The detail expert is relative
+    to the combined file's base weights (for a two-transformer base: the stock low-noise transformer).
+    """
+    from ..convert import DETAIL_SUFFIX, SEMANTIC_SUFFIX
+    from ..formats import keymaps as km
+    from ..formats.detect import KIND_OFFICIAL, ROLE_DETAIL, ROLE_SEMANTIC, info_from_header
+    from ..formats.experts import (
+        detail_out_dtype,
+        native_metadata,
+        plan_official,
+        produce_detail,
+        produce_semantic,
+        semantic_out_dtype,
+    )
+    from ..formats.safetensors_io import TORCH_TO_ST, Header, PlannedTensor, StreamingWriter, TensorEntry, parse_dtype
+
+    tdtype = parse_dtype(dtype, what="export dtype")
+    get = lambda k: sd[k].detach().to("cpu")  # noqa: E731
+    entries = {k: TensorEntry(k, TORCH_TO_ST[v.dtype], tuple(v.shape), 0, 0) for k, v in sd.items()}
+    paths = {ROLE_SEMANTIC: out_dir / f"{name}{SEMANTIC_SUFFIX}", ROLE_DETAIL: out_dir / f"{name}{DETAIL_SUFFIX}"}
+    meta_a = {} if lora_alpha is None else {"dcm.lora_alpha": f"{float(lora_alpha):g}"}
+    header = Header(path=f"<state dict {name}>", file_size=0, header_size=0, metadata=meta_a, entries=entries)
+    info = info_from_header(header)
+    if info.kind == KIND_OFFICIAL:
+        plan = plan_official(header, info.layout)
+        sem_ops, det_ops, dims, rank, alpha = plan.semantic, plan.detail, plan.dims, info.layout.rank, info.layout.alpha
+    else:
+        sem_ops = km.diffusers_to_comfy_plan(family, {k: tuple(v.shape) for k, v in sd.items()}, where=name)
+        det_ops, rank, alpha = [], None, None
+        dims = km.dims_from_comfy_shapes(family, {op.out: op.shape for op in sem_ops}, where=name)
+    if ROLE_DETAIL in roles and not det_ops:
+        raise DCMConfigError("internal: a detail-expert file needs the official combined layout")
+    common = dict(
+        dims=dims, variant=km.variant_from_dims(family, dims), rank=rank, alpha=alpha, boundary_timestep=boundary_timestep,
+        extra={"dcm.source": "dcm_core train export", "dcm.dtype": dtype, **extra},
+    )  # fmt: skip
+    both = ROLE_SEMANTIC in roles and ROLE_DETAIL in roles
+    written: dict[str, str] = {}
+    for role in roles:
+        partner = paths[ROLE_DETAIL if role == ROLE_SEMANTIC else ROLE_SEMANTIC].name if both else None
+        meta = native_metadata(role, family, partner=partner, **common)
+        if role == ROLE_SEMANTIC:
+            plan_t = [PlannedTensor(op.out, op.shape, semantic_out_dtype(get(op.sources[0]).dtype, tdtype, op.out, len(op.shape)))
+                      for op in sem_ops]  # fmt: skip
+            with StreamingWriter(paths[role], plan_t, meta) as w:
+                for op, pt in zip(sem_ops, plan_t):
+                    w.write(pt.name, produce_semantic(op, get, tdtype))
+        else:
+            plan_t = [PlannedTensor(op.out, op.shape, torch.float32 if op.kind == "alpha" else detail_out_dtype(torch.float32, tdtype))
+                      for op in det_ops]  # fmt: skip
+            with StreamingWriter(paths[role], plan_t, meta) as w:
+                for op, pt in zip(det_ops, plan_t):
+                    w.write(pt.name, produce_detail(op, get, tdtype, tdtype))
+        written["semantic" if role == ROLE_SEMANTIC else "detail_expert"] = str(paths[role])
+    return written
+
 
 def export_model(
     cfg: TrainConfig,
@@ -82,7 +186,8 @@ def export_model(
             sd = {k: v.detach() for k, v in student.state_dict().items()}
             layout = "official DCM combined (base_layer / lora_A.lora1 / lora_B.lora1 / *_lora)"
         sd = {k: v.to("cpu", tdtype).contiguous() for k, v in sd.items()}
-        meta = {"format": "pt", "dcm.trainer.stage": cfg.stage, "dcm.family": family}
+        fam_meta, base, pair_boundary = family_metadata(cfg, student)
+        meta = {"format": "pt", "dcm.trainer.stage": cfg.stage, "dcm.family": family, **fam_meta}
         if cfg.stage == STAGE_DETAIL:
             meta.update(
                 {
@@ -105,7 +210,23 @@ def export_model(
             )
         save_file(sd, str(tdir / TRANSFORMER_WEIGHTS), metadata=meta)
         result["transformer"] = str(out / "transformer" / TRANSFORMER_WEIGHTS)
-        if cfg.stage == STAGE_DETAIL and native:
+        boundary = pair_boundary if pair_boundary is not None else float(cfg.schedule.boundary_timestep)
+        if pair_boundary is not None and native:
+            # two-transformer base: one ComfyUI file per stage (module docstring)
+            roles = ("semantic",) if cfg.stage == STAGE_SEMANTIC else ("detail_expert",)
+            files = write_native_files(
+                sd, tmp, name, family=family, roles=roles, dtype=dtype_s,
+                lora_alpha=cfg.model.lora_alpha if cfg.stage == STAGE_DETAIL else None, boundary_timestep=boundary,
+                extra={**fam_meta, "dcm.trainer.stage": cfg.stage},
+            )  # fmt: skip
+            result.update({k: str(out / Path(v).name) for k, v in files.items()})
+        elif cfg.stage == STAGE_DETAIL and native and fam_meta and fam_meta.get("dcm.task") != "t2v":
+            files = write_native_files(
+                sd, tmp, name, family=family, roles=("semantic", "detail_expert"), dtype=dtype_s,
+                lora_alpha=cfg.model.lora_alpha, boundary_timestep=boundary, extra=dict(fam_meta),
+            )  # fmt: skip
+            result.update({k: str(out / Path(v).name) for k, v in files.items()})
+        elif cfg.stage == STAGE_DETAIL and native:
             from ..formats import convert_official
 
             conv = convert_official(tdir / TRANSFORMER_WEIGHTS, tmp, dtype=dtype_s, name=name, progress=False)
@@ -121,7 +242,8 @@ def export_model(
             "files": {k: Path(v).relative_to(out).as_posix() for k, v in result.items()},
             "lora_rank": cfg.model.lora_rank if cfg.stage == STAGE_DETAIL else None,
             "lora_alpha": cfg.model.lora_alpha if cfg.stage == STAGE_DETAIL else None,
-            "boundary_timestep": cfg.schedule.boundary_timestep,
+            "boundary_timestep": boundary,
+            **{k.replace("dcm.", ""): v for k, v in fam_meta.items()},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (tmp / "export_info.json").write_text(json.dumps(info, indent=1))
@@ -211,7 +333,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Rebuild the trained student of RUN_DIR from its config.json and newest valid checkpoint and write "
             "RUN_DIR/export/: transformer/ (diffusers; official DCM combined layout for the detail stage) and, for the "
-            "detail stage, NAME_semantic.safetensors + NAME_detail_expert.safetensors for ComfyUI."
+            "detail stage, NAME_semantic.safetensors + NAME_detail_expert.safetensors for ComfyUI. A Wan2.2 A14B pair: "
+            "stage 1 writes NAME_semantic (the high-noise student), stage 2 NAME_detail_expert only (onto the stock "
+            "low-noise model)."
         ),
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the training run folder (train's output_dir)")

@@ -19,6 +19,15 @@ The embedding of ``""`` is written to ``uncond/`` (the caption-dropout / CFG unc
 Everything is safetensors; each file is written atomically; unreadable or too-short videos are
 skipped and listed (``skipped.json``). Re-running continues: items already on disk are kept.
 
+Image-to-video bases (read from the model folder's transformer config): Wan I2V (36 input channels) also gets the
+VAE latent of the clip's first frame followed by black frames (``image_latent/``, the conditioning diffusers'
+``WanImageToVideoPipeline`` builds, encoded with the distribution's mode as it does) and, when the transformer has
+an image embedder (Wan2.1 I2V), the CLIP features of that frame (``clip_feature/``: ``image_encoder/`` penultimate
+hidden states after ``image_processor/``); Wan2.2 TI2V-5B gets the latent of the first frame alone (its clean first
+latent frame; ``--no-image`` trains it text-to-video). The VAE's latent format (channels, statistics, compression)
+is written to ``latent_format.json`` and sets the size rule: height / width multiples of 2 × the VAE's spatial
+factor (Wan2.1 16, Wan2.2 TI2V-5B 32).
+
 Deviation from the official Wan dataset (§7.2, §9.1 #11): the latent is the posterior MEAN by
 default (deterministic); ``--sample-posterior`` reproduces the official posterior sample.
 """
@@ -38,7 +47,18 @@ import torch
 
 from ..errors import DCMConfigError, DCMFileNotFoundError
 from ..schedule import FAMILY_HUNYUAN, FAMILY_WAN
-from .data import DATA_JSON, EMBED_DIR, LATENT_DIR, MASK_DIR, write_item, write_json_atomic, write_uncond
+from .data import (
+    CLIP_FEATURE_DIR,
+    DATA_JSON,
+    EMBED_DIR,
+    IMAGE_LATENT_DIR,
+    LATENT_DIR,
+    LATENT_FORMAT_JSON,
+    MASK_DIR,
+    write_item,
+    write_json_atomic,
+    write_uncond,
+)
 from .models import DTYPES
 from .video_io import VideoReadError, largest_4k1, read_frames, resize_cover_crop, select_frames
 
@@ -109,6 +129,17 @@ def _safe_name(video: str, used: set[str]) -> str:
 
 
 # ---------------------------------------------------------------------------- encoders
+
+
+def _latent_format(model_dir: Path, family: str):
+    """The VAE's latent format from ``vae/config.json`` (Wan2.1 / HunyuanVideo defaults when the folder has none)."""
+    from ..latents import LatentFormat
+    from .models import _read_json
+
+    for d in (model_dir / "vae", model_dir):
+        if (d / "config.json").is_file() and "Autoencoder" in str(_read_json(d / "config.json").get("_class_name", "")):
+            return LatentFormat.from_vae_config(_read_json(d / "config.json"), family, str(d / "config.json"))
+    return LatentFormat.default(family)
 
 
 def detect_family(model_dir: Path) -> str:
@@ -187,6 +218,51 @@ class TextEncoder:
         return torch.cat([token0, hs], dim=0).cpu(), mask.cpu()
 
 
+def image_plan(model_dir: Path, family: str) -> tuple[str, bool]:
+    """``(image mode, needs CLIP features)`` of a model folder, from its transformer config (no weights read)."""
+    from ..families import TASK_TI2V
+    from .models import IMAGE_CONCAT, IMAGE_FIRST_FRAME, IMAGE_NONE, _read_json, base_for, two_transformer_boundary
+
+    cfg_path = model_dir / "transformer" / "config.json"
+    if family != FAMILY_WAN or not cfg_path.is_file():
+        return IMAGE_NONE, False
+    c = _read_json(cfg_path)
+    cin, cout = int(c.get("in_channels", 16)), int(c.get("out_channels") or c.get("in_channels", 16))
+    embedder = c.get("image_dim") is not None
+    if cin == 2 * cout + 4:
+        return IMAGE_CONCAT, embedder
+    two = two_transformer_boundary(model_dir) is not None
+    base = base_for(family, cin, cout, image_embedder=embedder, two_transformers=two)
+    if base is not None and base.task == TASK_TI2V:
+        return IMAGE_FIRST_FRAME, embedder
+    return IMAGE_NONE, embedder
+
+
+class ClipImageEncoder:
+    """CLIP image features as diffusers' Wan I2V pipeline makes them: ``image_processor/`` then ``image_encoder/``,
+    penultimate hidden states ``[N, D]`` (Wan2.1 I2V: ViT-H/14, 257 × 1280)."""
+
+    def __init__(self, model_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import CLIPImageProcessor, CLIPVisionModel
+
+        for sub in ("image_encoder", "image_processor"):
+            if not (model_dir / sub).is_dir():
+                raise DCMFileNotFoundError(
+                    f"{model_dir} lacks {sub}/: its transformer has a CLIP image embedder (Wan2.1 I2V), so preprocess needs "
+                    f"the image encoder and its processor from the same diffusers folder."
+                )
+        self.device = device
+        self.processor = CLIPImageProcessor.from_pretrained(str(model_dir / "image_processor"))
+        self.encoder = CLIPVisionModel.from_pretrained(str(model_dir / "image_encoder"), torch_dtype=dtype).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
+        """``frame`` [3, H, W] in [-1, 1] → features [N, D] (fp32, CPU)."""
+        img = ((frame.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        px = self.processor(images=img, return_tensors="pt").pixel_values.to(self.device, self.encoder.dtype)
+        return self.encoder(pixel_values=px, output_hidden_states=True).hidden_states[-2][0].float().cpu()
+
+
 # ---------------------------------------------------------------------------- main routine
 
 
@@ -221,6 +297,7 @@ def preprocess(
     overwrite: bool = False,
     seed: int = 0,
     progress: bool = True,
+    no_image: bool = False,
 ) -> PreprocessReport:
     """Encode videos + captions into the latent dataset (see the module docstring)."""
     from tqdm.auto import tqdm
@@ -228,13 +305,25 @@ def preprocess(
     model_dir, videos_dir, out = Path(model_dir), Path(videos_dir), Path(out_dir)
     if (frames - 1) % 4 or frames < 1:
         raise DCMConfigError(f"--frames {frames} must be 4k+1 (e.g. 81, 49, 17): the VAE compresses time 4× plus one frame.")
-    if height % 16 or width % 16:
-        raise DCMConfigError(f"--height {height} / --width {width} must be multiples of 16 (VAE 8× and patch 2×).")
     if not model_dir.is_dir():
         raise DCMFileNotFoundError(f"--model {model_dir} is not a folder (a local diffusers model folder is needed).")
     if not videos_dir.is_dir():
         raise DCMFileNotFoundError(f"--videos {videos_dir} is not a folder.")
     fam = family or detect_family(model_dir)
+    fmt = _latent_format(model_dir, fam)
+    side = 2 * fmt.spatial  # the VAE's spatial factor × the transformer's 2×2 patch
+    if height % side or width % side:
+        raise DCMConfigError(
+            f"--height {height} / --width {width} must be multiples of {side} for this model (its VAE compresses "
+            f"{fmt.spatial}× spatially, the transformer patches 2×; Wan2.1 16, Wan2.2 TI2V-5B 32)."
+        )
+    img_mode, needs_clip = image_plan(model_dir, fam)
+    if no_image:
+        from .models import IMAGE_CONCAT, IMAGE_NONE
+
+        if img_mode == IMAGE_CONCAT:
+            raise DCMConfigError(f"--no-image: {model_dir} is an image-to-video model; it cannot train without images.")
+        img_mode, needs_clip = IMAGE_NONE, False
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tdt = DTYPES[text_dtype] if text_dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     pairs = read_captions(captions)
@@ -247,7 +336,9 @@ def preprocess(
 
     vae = load_vae(model_dir, fam, torch.float32).to(dev)
     text = TextEncoder(model_dir, fam, dev, tdt, max_text_tokens or DEFAULT_TEXT_TOKENS[fam])
+    clip_enc = ClipImageEncoder(model_dir, dev, tdt) if needs_clip else None
     report = PreprocessReport(out, fam)
+    write_json_atomic(out / LATENT_FORMAT_JSON, fmt.to_dict())
     gen = torch.Generator(device=dev).manual_seed(seed)
 
     # the unconditional ("") embedding
@@ -266,7 +357,10 @@ def preprocess(
     for video, caption in bar:
         name = _safe_name(video, used)
         rec = existing.get(video)
-        if rec is not None and all((out / d / rec[k]).is_file() for d, k in ((LATENT_DIR, "latent_path"), (EMBED_DIR, "prompt_embed_path"), (MASK_DIR, "prompt_attention_mask"))):
+        wanted = [(LATENT_DIR, "latent_path"), (EMBED_DIR, "prompt_embed_path"), (MASK_DIR, "prompt_attention_mask")]
+        wanted += [(IMAGE_LATENT_DIR, "image_latent_path")] if img_mode != "none" else []
+        wanted += [(CLIP_FEATURE_DIR, "clip_feature_path")] if clip_enc is not None else []
+        if rec is not None and all(k in rec and (out / d / rec[k]).is_file() for d, k in wanted):
             records.append(rec)
             report.kept.append(video)
             continue
@@ -288,10 +382,19 @@ def preprocess(
         with torch.no_grad():
             dist = vae.encode(clip).latent_dist
             latent = dist.sample(generator=gen) if sample_posterior else dist.mode()
+            image_latent = None
+            if img_mode != "none":
+                first = clip[:, :, :1]
+                if img_mode == "concat":  # the first frame, then black frames (diffusers' video_condition)
+                    first = torch.cat([first, first.new_zeros(first.shape[:2] + (clip.shape[2] - 1,) + first.shape[3:])], 2)
+                image_latent = vae.encode(first).latent_dist.mode()[0].float().cpu()
         latent = latent[0].float().cpu()
         emb, mask = text(caption)
+        feats = clip_enc(clip[0, :, 0]) if clip_enc is not None else None
         records.append(
             write_item(out, name, latent.to(DTYPES[latent_dtype]), emb.to(DTYPES[embed_dtype]), mask, caption,
+                       image_latent=None if image_latent is None else image_latent.to(DTYPES[latent_dtype]),
+                       clip_feature=None if feats is None else feats.to(DTYPES[embed_dtype]),
                        video=video, num_frames=len(idx), height=height, width=width, fps=fps)  # fmt: skip
         )
         report.written.append(video)
@@ -336,6 +439,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--allow-shorter", action="store_true", help="keep clips shorter than --frames (largest 4k+1 frames)")
     p.add_argument("--overwrite", action="store_true", help="re-encode items that already exist in --out")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-posterior")
+    p.add_argument("--no-image", action="store_true",
+                   help="Wan2.2 TI2V: write no first-frame image latents (the dataset then trains text-to-video)")
     p.set_defaults(_run=run)
     return p
 
@@ -346,7 +451,7 @@ def run(args: argparse.Namespace) -> int:
         frames=args.frames, height=args.height, width=args.width, family=args.family, device=args.device,
         max_text_tokens=args.max_text_tokens, text_dtype=args.text_dtype, latent_dtype=args.latent_dtype,
         embed_dtype=args.embed_dtype, sample_posterior=args.sample_posterior, allow_shorter=args.allow_shorter,
-        overwrite=args.overwrite, seed=args.seed,
+        overwrite=args.overwrite, seed=args.seed, no_image=args.no_image,
     )
     print(f"{len(rep.written)} encoded, {len(rep.kept)} kept, {len(rep.skipped)} skipped -> {rep.out_dir}")  # noqa: T201 (CLI output)
     for s in rep.skipped:

@@ -49,6 +49,21 @@ def renoise_coefficients(sigma_a: torch.Tensor | float, sigma_end: float) -> tup
     return a, b
 
 
+def boundary_k0(boundary_timestep: float, shift: float = DCM_SHIFT, steps: int = PCM_GRID_STEPS) -> int:
+    """K0 of a two-transformer base: the first grid index whose σ is above the model's own boundary.
+
+    Every semantic-stage teacher call (σ[k], k ≥ K0) then lies above ``boundary_timestep / 1000`` (the high-noise
+    transformer) and every detail-stage call (σ[k] and σ_prev[k], k < K0) at or below it (the low-noise one). Wan2.2
+    on the shift-17, 50-point grid: T2V A14B (875) → K0 = 14 (σ[14] = 0.8793, semantic phase end σ_prev[14] =
+    0.8686); I2V A14B (900) → K0 = 17 (σ[17] = 0.9053, σ_prev[17] = 0.8975).
+    """
+    grid = pcm_grid(shift, steps)
+    for k, s in enumerate(grid.sigmas):
+        if s * 1000.0 > boundary_timestep:
+            return max(1, k)
+    raise ValueError(f"no grid point lies above the boundary {boundary_timestep}")
+
+
 @dataclass
 class IndexDraw:
     """The per-sample grid indices and sigmas of one training step."""

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import DCMCheckpointError, DCMConfigError
-from ..latents import from_model_space, to_model_space
+from ..latents import LatentFormat
 from ..schedule import DEFAULT_PRESET, FAMILY_WAN, build_sigmas, pcm_default_sigmas
 from . import checkpoint as ck
 from . import fsdp as fs
@@ -51,7 +51,18 @@ from .config import STAGE_DETAIL, STAGE_SEMANTIC, TrainConfig
 from .data import Batch, DataStream, LatentDataset, apply_caption_dropout, collate, load_uncond, pad_uncond
 from .discriminator import Discriminator, TeacherFeatures
 from .losses import feature_matching, hinge_d_loss, hinge_g_loss, pseudo_huber, temporal_coherence
-from .models import Conditioning, StageModels, adapters_disabled, build_models, call_velocity
+from .models import (
+    IMAGE_CONCAT,
+    IMAGE_FIRST_FRAME,
+    IMAGE_NONE,
+    Conditioning,
+    StageModels,
+    adapters_disabled,
+    build_models,
+    call_velocity,
+    clean_first_frame,
+    noisy_frames,
+)
 from .parallel import Replicated, make_strategy
 from .solver import PCMSolver, cfg_velocity
 
@@ -186,6 +197,7 @@ class DCMTrainer:
             log.info("FSDP activation checkpointing: per-block gradient checkpointing of the student and teacher is on.")
             self.models.enable_gradient_checkpointing()
         self.family = self.models.family
+        self._setup_family(cfg.model.pretrained)
         self.cfg = cfg = cfg.resolved(self.family)
         self.stage = cfg.stage
         self.solver = PCMSolver(cfg.stage, cfg.schedule.k0, cfg.schedule.shift, cfg.schedule.grid_steps)
@@ -228,6 +240,44 @@ class DCMTrainer:
         )
 
     # ------------------------------------------------------------------ set-up phases
+
+    def _setup_family(self, cfg_source: str) -> None:
+        """The latent format (the dataset's, else the model folder's VAE, else Wan2.1 / HunyuanVideo) and how the
+        dataset's images condition the model (Wan I2V needs them; Wan2.2 TI2V uses them when the dataset has them)."""
+        stored = self.dataset.latent_format()
+        if stored is not None:
+            self.latent_format = LatentFormat.from_dict(stored)
+        elif self.models.latent_format is not None:
+            self.latent_format = self.models.latent_format
+        else:
+            self.latent_format = LatentFormat.default(self.family)
+        channels = int(self.dataset[0].latent.shape[0])
+        out_ch = int(self.models.student.config.out_channels or self.models.student.config.in_channels)
+        if channels != out_ch or self.latent_format.channels != out_ch:
+            raise DCMConfigError(
+                f"{self.dataset.root}: latents have {channels} channels (latent format {self.latent_format.channels}) but "
+                f"the transformer ({cfg_source}) outputs {out_ch}: the dataset was encoded with another VAE. "
+                f"Re-run preprocess with this model folder."
+            )
+        mode = self.models.image_mode
+        if mode == IMAGE_CONCAT and not self.dataset.has_images:
+            raise DCMConfigError(
+                f"{self.dataset.root}: the model is image-to-video ({self.models.student.config.in_channels} input "
+                f"channels: noisy latent + mask + image latent) but the dataset has no image latents. Re-run preprocess "
+                f"with this model folder (it writes image_latent/)."
+            )
+        if mode == IMAGE_FIRST_FRAME and not self.dataset.has_images:
+            mode = IMAGE_NONE  # TI2V trained text-to-video
+        if mode == IMAGE_NONE and self.dataset.has_images:
+            log.warning("the dataset has image latents but the model takes no image conditioning; they are not used.")
+        if self.models.image_embedder and not self.dataset.has_clip:
+            raise DCMConfigError(
+                f"{self.dataset.root}: the model has a CLIP image embedder (Wan2.1 I2V) but the dataset has no CLIP "
+                f"features. Re-run preprocess with the model folder (it needs image_encoder/ and image_processor/)."
+            )
+        self.image_mode = mode
+        if mode != IMAGE_NONE:
+            log.info("image conditioning: %s%s", mode, " + CLIP image features" if self.models.image_embedder else "")
 
     def _build_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -277,8 +327,9 @@ class DCMTrainer:
         self.student, self.optimizer, self.disc, self.disc_unwrapped, self.d_optimizer = (
             p.student, p.optimizer, p.disc, p.disc_unwrapped, p.d_optimizer
         )
-        if self.models.teacher is not None:
-            self.models.teacher.to(device)
+        for t in (self.models.teacher, self.models.teacher_other):
+            if t is not None:
+                t.to(device)
         if self.ema is not None:
             self.ema.shadow = {n: t.to(device) for n, t in self.ema.shadow.items()}
 
@@ -365,27 +416,49 @@ class DCMTrainer:
 
     def _cond(self, batch: Batch) -> Conditioning:
         pooled_dim = int(getattr(self.student_unwrapped.config, "pooled_projection_dim", 768) or 768)
-        return Conditioning.from_batch(
+        cond = Conditioning.from_batch(
             self.family, batch.prompt_embeds, batch.prompt_masks, guidance=self.cfg.guidance.embedded_guidance, pooled_dim=pooled_dim
         )
+        if self.image_mode == IMAGE_NONE:
+            return cond
+        image = self.latent_format.to_model_space(batch.image_latents.float())
+        clip = batch.clip_features.float() if self.models.image_embedder else None
+        return cond.with_image(self.image_mode, image, clip)
+
+    def _x0(self, batch: Batch, cond: Conditioning) -> torch.Tensor:
+        """The clean normalised latent (TI2V image conditioning: its frame 0 is the conditioning image's latent)."""
+        return clean_first_frame(self.latent_format.to_model_space(batch.latents.float()), cond)
 
     def _uncond_batch(self, batch: Batch) -> Conditioning:
+        """The CFG unconditional: the text of "" with the batch's image conditioning kept."""
         b, n, _ = batch.prompt_embeds.shape
         e, m = pad_uncond(self.uncond, n, batch.prompt_masks.shape[1])
-        ub = Batch(
-            batch.latents,
+        ub = batch.with_text(
             e.to(batch.prompt_embeds.device, batch.prompt_embeds.dtype).unsqueeze(0).expand(b, -1, -1),
             m.to(batch.prompt_masks.device).unsqueeze(0).expand(b, -1),
-            batch.indices,
             [""] * b,
         )
         return self._cond(ub)
 
-    def _teacher_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        if self.models.teacher is None:  # semantic LoRA: the teacher is the student with adapters off
+    def _teacher_call(self, teacher: nn.Module | None, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if teacher is None:  # semantic LoRA: the teacher is the student with adapters off
             with adapters_disabled(self.student_unwrapped):
                 return call_velocity(self.student_unwrapped, self.student_unwrapped, x, sigma, cond)
-        return call_velocity(self.models.teacher, self.models.teacher, x, sigma, cond)
+        return call_velocity(teacher, teacher, x, sigma, cond)
+
+    def _teacher_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The teacher's velocity; a two-transformer base is routed per sample (high noise above the boundary)."""
+        m = self.models
+        if m.boundary_timestep is None:
+            return self._teacher_call(m.teacher, x, sigma, cond)
+        high = m.side_of(sigma).to(x.device)
+        if bool(high.all()) or not bool(high.any()):
+            return self._teacher_call(m.teacher_for(bool(high[0])), x, sigma, cond)
+        out = torch.empty_like(x, dtype=torch.float32)
+        for side in (True, False):
+            idx = torch.nonzero(high == side).flatten()
+            out[idx] = self._teacher_call(m.teacher_for(side), x[idx], sigma[idx.to(sigma.device)], cond.select(idx))
+        return out
 
     @torch.no_grad()
     def _teacher_guided(self, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, batch: Batch) -> torch.Tensor:
@@ -411,7 +484,7 @@ class DCMTrainer:
         """ŷ (student jump, with grad when enabled) and the target y (no grad) — dcm-method.md §5.2 steps 2–5."""
         acc, solver = self.accelerator, self.solver
         # 1. noisy input and the student's jump to the phase boundary
-        x_t = solver.noisy(x0, noise, draw.sigma)
+        x_t = clean_first_frame(solver.noisy(x0, noise, draw.sigma), cond)  # TI2V: frame 0 stays the clean image
         with acc.autocast():
             v_s = call_velocity(call, self.student_unwrapped, x_t, draw.sigma, cond, self.models.student_expert)
         pred = solver.student_prediction(x_t, v_s, draw)
@@ -428,14 +501,14 @@ class DCMTrainer:
         """Mean consistency loss over fixed (noise, k) draws of the first ``samples`` items (progress metric)."""
         g = torch.Generator().manual_seed(seed)
         batch = collate([self.dataset[i] for i in range(min(samples, len(self.dataset)))]).to(self.accelerator.device)
-        x0 = to_model_space(batch.latents.float(), self.family)
         cond = self._cond(batch)
+        x0 = self._x0(batch, cond)
         total = 0.0
         for _ in range(num_draws):
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             draw = self.solver.draw(x0.shape[0], g)
             pred, target = self._consistency_pair(self.student_unwrapped, batch, x0, noise, draw, cond)
-            total += float(pseudo_huber(pred, target, self.cfg.loss.huber_c))
+            total += float(pseudo_huber(noisy_frames(pred, cond), noisy_frames(target, cond), self.cfg.loss.huber_c))
         return total / num_draws
 
     def train_step(self) -> dict[str, float]:
@@ -486,18 +559,19 @@ class DCMTrainer:
             adv_all = solver.draw_adv_index(acc.num_processes * len(gens), self.shared_gen)  # the global batch
             adv_noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
         batch = batch.to(acc.device)
-        x0 = to_model_space(batch.latents.float(), self.family)
-        return _Draws(batch, x0, noise.to(acc.device), draw, self._cond(batch), adv_all, adv_noise)
+        cond = self._cond(batch)
+        return _Draws(batch, self._x0(batch, cond), noise.to(acc.device), draw, cond, adv_all, adv_noise)
 
     def _generator_loss(self, d: "_Draws", add: Any, stash: list) -> torch.Tensor:
         """2.–4. The consistency pair, the CD (+ TC) loss and, in stage detail, the adversarial G terms."""
         cfg, solver = self.cfg, self.solver
         pred, target = self._consistency_pair(self.student, d.batch, d.x0, d.noise, d.draw, d.cond)
-        l_cd = pseudo_huber(pred, target, cfg.loss.huber_c)
+        # the losses compare the noisy part only (TI2V image conditioning: frames 1…, frame 0 is the given image)
+        l_cd = pseudo_huber(noisy_frames(pred, d.cond), noisy_frames(target, d.cond), cfg.loss.huber_c)
         loss = l_cd
         add("loss_cd", l_cd)
         if cfg.stage == STAGE_SEMANTIC and cfg.loss.tc_weight > 0:
-            l_tc = temporal_coherence(pred, target, cfg.loss.tc_stride)
+            l_tc = temporal_coherence(noisy_frames(pred, d.cond), noisy_frames(target, d.cond), cfg.loss.tc_stride)
             loss = loss + cfg.loss.tc_weight * l_tc
             add("loss_tc", l_tc)
         if self.use_adv:
@@ -690,17 +764,22 @@ class DCMTrainer:
         shape = batch.latents.shape
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(v.seed)).to(self.accelerator.device)
 
+        pair_detail = self.stage == STAGE_DETAIL and self.models.boundary_timestep is not None
+
         def model_fn(x: torch.Tensor, sigma: float, expert: str) -> torch.Tensor:
-            # semantic stage: the student is the only expert; detail stage: routed per step
+            # semantic stage: the student is the only expert; detail stage: routed per step (a two-transformer base's
+            # semantic steps: its stock high-noise transformer, the detail student being the low-noise one)
             e = expert if self.stage == STAGE_DETAIL else STAGE_SEMANTIC
             s = torch.full((x.shape[0],), float(sigma))
             with self.accelerator.autocast():
+                if pair_detail and e == STAGE_SEMANTIC:
+                    return self._teacher_call(self.models.teacher_for(True), x, s, cond)
                 return call_velocity(model, model, x, s, cond, e)
 
         was_training = model.training
         model.eval()
         try:
-            x = sample_dcm(model_fn, noise, sigmas, boundary)
+            x = clean_first_frame(sample_dcm(model_fn, noise, sigmas, boundary), cond)
         finally:
             model.train(was_training)
         if not self.is_main:
@@ -708,7 +787,7 @@ class DCMTrainer:
         out_dir = self.run_dir / "validation"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"step-{self.global_step:08d}.safetensors"
-        raw = from_model_space(x.float().cpu(), self.family)
+        raw = self.latent_format.from_model_space(x.float().cpu())
         ck.save_tensors(
             path,
             {"latents": raw},

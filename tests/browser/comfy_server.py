@@ -193,6 +193,10 @@ def make_base(base: Path, *, link_pack: bool = True) -> None:
         (base / sub).mkdir(parents=True, exist_ok=True)
     for kind in MODEL_KINDS:
         (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+    # a stock install ships input/example.png, the start image the image-to-video workflows' LoadImage names
+    example = comfyui_path() / "input" / "example.png"
+    if example.is_file():
+        shutil.copyfile(example, base / "input" / "example.png")
     if link_pack:
         os.symlink(ROOT, base / "custom_nodes" / PACK_DIR_NAME)
     os.symlink(TEST_NODES, base / "custom_nodes" / "dcm_testing_nodes")

@@ -14,11 +14,12 @@ EXPECTED = {
     "DCMTimestepSplit": (["sigmas", "boundary_timestep"], ["semantic_sigmas", "detail_sigmas"]),
     "DCMDualExpertSampler": (
         ["semantic_model", "detail_model", "positive", "negative", "latent_image", "seed", "preset",
-         "boundary_timestep", "cfg_semantic", "cfg_detail", "sigmas"],
+         "boundary_timestep", "cfg_semantic", "cfg_detail", "sigmas", "boundary_preset"],
         ["latent"],
     ),
     "DCMDualExpertGuider": (
-        ["semantic_model", "detail_model", "positive", "negative", "boundary_timestep", "cfg_semantic", "cfg_detail"],
+        ["semantic_model", "detail_model", "positive", "negative", "boundary_timestep", "cfg_semantic", "cfg_detail",
+         "boundary_preset"],
         ["guider"],
     ),
     "DCMToyTextEncode": (["prompt"], ["conditioning"]),

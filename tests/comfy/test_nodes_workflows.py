@@ -71,7 +71,8 @@ def test_ui_workflow_nodes_exist_with_matching_widgets(comfy, name):
     # combo values the pack defines must be valid choices
     for n in wf["nodes"]:
         if n["type"].startswith("DCM"):
-            info = nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()["required"]
+            types = nodes.NODE_CLASS_MAPPINGS[n["type"]].INPUT_TYPES()
+            info = {**types["required"], **types.get("optional", {})}
             for k, v in _named_widgets(n).items():
                 if isinstance(info[k][0], list) and not k.endswith("_name"):
                     assert v in info[k][0], (name, n["type"], k, v)

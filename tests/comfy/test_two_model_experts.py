@@ -115,3 +115,61 @@ def test_two_model_base_loads_one_expert_per_segment_and_never_merges_them(dcm, 
         ref = load_state_dict(dcm.h.model_dir("diffusion_models") / pair[role][0])
         bad = [k for k, v in ref.items() if not torch.equal(live[k.removeprefix("model.diffusion_model.")].float(), v.float())]
         assert len(ref) == len(live) and not bad, f"the {role}-noise model changed: {bad[:3]}"
+
+
+@pytest.fixture(scope="module")
+def dcm_a14b(dcm, tmp_path_factory):
+    """DCM experts for a Wan2.2 T2V A14B-shaped pair, as the mapping defines them: the semantic expert is a full
+    model distilled from the high-noise transformer (its converted *_semantic file); the detail expert is a
+    pack-native LoRA file that applies onto the stock low-noise model (its converted *_detail_expert file, the
+    stock low-noise weights being that pair's *_semantic file)."""
+    from dcm_core import tiny
+    from dcm_core.formats import convert_official
+
+    tmp = tmp_path_factory.mktemp("a14b_dcm")
+    out = {}
+    for side, seed in (("high_noise", 31), ("low_noise", 32)):
+        model = tiny.make_official_model("wan", tiny.wan_config(num_layers=1), rank=4, alpha=8.0, seed=seed)
+        official = tmp / f"a14b_{side}_official.safetensors"
+        tiny.save_official_checkpoint(model, official, metadata={
+            "lora_alpha": "8", "dcm.base": "wan2.2-t2v-a14b", "dcm.expert_base": side})
+        res = convert_official(official, tmp / side, dtype="fp32", name=f"tiny_dcm_a14b_{side}", progress=False)
+        os.replace(res.semantic_path, dcm.h.model_dir("diffusion_models") / res.semantic_path.name)
+        os.replace(res.detail_path, dcm.h.model_dir("loras") / res.detail_path.name)
+        out[side] = (res.semantic_path.name, res.detail_path.name, model)
+    return out
+
+
+def test_dcm_experts_on_a_two_model_base_equal_reference(dcm, dcm_a14b):
+    """UNETLoader (DCM high-noise semantic expert) as semantic_model; UNETLoader (stock low-noise model) → DCM
+    Expert LoRA Loader (the low-noise detail expert) as detail_model; boundary preset wan2.2-t2v-a14b (875),
+    per-expert-uniform 3 + 3. Reference: sample_dcm with the high-noise model's semantic forward above 875 and the
+    low-noise model's detail-expert forward at or below it."""
+    import torch
+
+    from dcm_core.modeling import velocity
+    from dcm_core.sampler import sample_dcm
+    from dcm_core.schedule import DETAIL, SEMANTIC, build_sigmas, route
+
+    hi_sem, _, hi_model = dcm_a14b["high_noise"]
+    lo_stock, lo_detail, lo_model = dcm_a14b["low_noise"]
+    p = dcm.sampler_prompt("wan", seed=23, preset="per-expert-uniform", boundary=978.0)
+    del p["1"]
+    p["60"] = {"class_type": "UNETLoader", "inputs": {"unet_name": hi_sem, "weight_dtype": "default"}}
+    p["61"] = {"class_type": "UNETLoader", "inputs": {"unet_name": lo_stock, "weight_dtype": "default"}}
+    p["62"] = {"class_type": "DCMExpertLoraLoader", "inputs": {"model": ["61", 0], "lora_name": lo_detail, "strength": 1.0}}
+    p["5"]["inputs"].update({"semantic_model": ["60", 0], "detail_model": ["62", 0], "boundary_preset": "wan2.2-t2v-a14b (875)"})
+    out = dcm.run(p)
+    values = build_sigmas("per-expert-uniform", boundary_timestep=875.0)
+    ctx, _ = dcm.cond("wan")
+    models = {SEMANTIC: hi_model, DETAIL: lo_model}
+
+    def model_fn(x, sigma, expert):
+        return velocity(models[expert], x, sigma, ctx, expert)
+
+    with torch.no_grad():
+        ref = sample_dcm(model_fn, dcm.noise(23), values, 875.0)
+    diff = (to_model_space(out, "wan") - ref).abs().max().item()
+    print(f"[dcm a14b experts] boundary preset 875, per-expert-uniform 3+3: vs reference {diff:.3e}")
+    assert diff <= TOL
+    assert route(values, 875.0) == [SEMANTIC] * 3 + [DETAIL] * 3

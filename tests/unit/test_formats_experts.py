@@ -255,6 +255,35 @@ def test_bf16_source_kept_when_dtype_is_none(official, tmp_path):
     assert b32.semantic_sd["double_blocks.0.img_attn.qkv.weight"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn], ids=["bf16", "fp16", "fp8"])
+def test_load_with_dtype_reads_and_converts_in_one_pass_bit_identically(official, variant, dtype, monkeypatch):
+    """Loading an fp32 official file as bf16/fp16/fp8 converts plain copies while reading (the reader's scratch
+    buffer, no fp32 tensor per weight) and gives exactly the tensors of "read fp32, then .to(dtype)"."""
+    from dcm_core.formats import experts as ex
+    from dcm_core.formats.safetensors_io import SafeReader
+
+    _, p = official[variant]
+    ref = load_experts(p)  # fp32, nothing converted
+    asked = []
+    real_get = SafeReader.get
+
+    def spy(self, key, dtype=None):
+        asked.append(dtype)
+        return real_get(self, key, dtype)
+
+    monkeypatch.setattr(SafeReader, "get", spy)
+    got = load_experts(p, dtype=dtype)
+    assert sum(d is not None for d in asked) >= len([op for op in plan_official(read_header(p), inspect_file(p).layout).semantic
+                                                     if op.kind == "copy"]), "plain copies were not converted while reading"
+    assert got.semantic_sd.keys() == ref.semantic_sd.keys()
+    for k, t in ref.semantic_sd.items():
+        want = t.to(ex.semantic_out_dtype(t.dtype, dtype, k, t.ndim))
+        assert got.semantic_sd[k].dtype == want.dtype, k
+        assert torch.equal(got.semantic_sd[k].view(torch.uint8), want.view(torch.uint8)) if want.ndim and want.element_size() == 1 \
+            else torch.equal(got.semantic_sd[k], want), k
+
+
 # --------------------------------------------------------------------------- partner lookup
 
 

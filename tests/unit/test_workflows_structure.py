@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dcm_core.families import BOUNDARY_PRESETS, WAN22_BOUNDARY, resolve_boundary
 from dcm_core.schedule import PRESET_NAMES, build_sigmas, route
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,6 +24,7 @@ CORE = {
     "CLIPLoader", "DualCLIPLoader", "CLIPTextEncode", "VAELoader", "EmptyHunyuanLatentVideo", "VAEDecode",
     "VAEDecodeTiled", "CreateVideo", "SaveVideo", "FluxGuidance", "UNETLoader", "LoraLoaderModelOnly",
     "KSamplerSelect", "RandomNoise", "SamplerCustomAdvanced", "PreviewImage", "SaveLatent", "SaveAnimatedWEBP", "ImageScale", "Note", "MarkdownNote",
+    "LoadImage", "CLIPVisionLoader", "CLIPVisionEncode", "WanImageToVideo",
 }
 TEST_ONLY = {"DCMTestConditioning", "DCMTestCapture", "DCMTestRecordCalls"}
 
@@ -38,7 +40,8 @@ def pack_node_ids() -> set[str]:
 
 def test_expected_files():
     assert WORKFLOWS == [
-        "dcm_hunyuan_t2v.json", "dcm_toy_world.json", "dcm_wan2.1_stock_nodes.json", "dcm_wan2.1_t2v_1.3b.json",
+        "dcm_hunyuan_t2v.json", "dcm_toy_world.json", "dcm_wan2.1_i2v_trained.json", "dcm_wan2.1_stock_nodes.json",
+        "dcm_wan2.1_t2v_1.3b.json", "dcm_wan2.2_i2v_a14b.json", "dcm_wan2.2_t2v_a14b.json",
     ]
     assert sorted(p.name for p in API_DIR.glob("*.json")) == WORKFLOWS
 
@@ -78,18 +81,23 @@ def test_dcm_settings_are_the_official_ones(name):
     wf = json.loads((UI_DIR / name).read_text())
     hunyuan = "hunyuan" in name
     toy = "toy" in name  # the toy world's 24x24x6 video is the latent of 96x96, 21 frames
-    boundary = 981.0 if hunyuan else 978.0
+    # Wan2.2 A14B: the high/low-noise pair switches at the base's own boundary (875 T2V, 900 I2V), picked with the
+    # boundary preset; its preset spreads the steps inside each model's range
+    a14b = {"dcm_wan2.2_t2v_a14b.json": "t2v", "dcm_wan2.2_i2v_a14b.json": "i2v"}.get(name)
+    boundary = WAN22_BOUNDARY[a14b] if a14b else 981.0 if hunyuan else 978.0
+    boundary_preset = next((k for k, v in BOUNDARY_PRESETS.items() if a14b and v == boundary and "wan2.2" in k), "manual")
     for n in wf["nodes"]:
         w = n["widgets_values"]
         if n["type"] == "DCMDualExpertSampler":
-            seed, control, preset, b, cfg_s, cfg_d = w
+            seed, control, preset, b, cfg_s, cfg_d, bp = w
             assert control in ("fixed", "randomize") and preset in PRESET_NAMES
-            assert preset == ("hunyuan-t2v-4step" if hunyuan else "wan2.1-t2v-6step")
-            assert (b, cfg_s, cfg_d) == (boundary, 1.0, 1.0)
-            experts = route(build_sigmas(preset), b)
+            assert preset == ("per-expert-uniform" if a14b else "hunyuan-t2v-4step" if hunyuan else "wan2.1-t2v-6step")
+            assert (b, cfg_s, cfg_d, bp) == (boundary, 1.0, 1.0, boundary_preset)
+            assert resolve_boundary(bp, b) == boundary
+            experts = route(build_sigmas(preset, boundary_timestep=b), b)
             assert "semantic" in experts and "detail" in experts
         if n["type"] in ("DCMDualExpertGuider",):
-            assert w == [boundary, 1.0, 1.0]
+            assert w == [boundary, 1.0, 1.0, "manual"]
         if n["type"] == "DCMSchedule":
             assert w[0] in PRESET_NAMES and w[4] == boundary
         if n["type"] == "EmptyHunyuanLatentVideo":

@@ -172,9 +172,89 @@ class DCMTestStockUNETLoader(io.ComfyNode):
         return io.NodeOutput(comfy.sd.load_diffusion_model(path, model_options=opts))
 
 
+class _TestVAE:
+    """What stock WanImageToVideo / Wan22ImageToVideoLatent call on a VAE: ``encode(pixels [F, H, W, C])`` →
+    a video latent ``[1, channels, (F − 1)//4 + 1, H/down, W/down]`` (frames 0, 4, 8 …, average-pooled, a fixed
+    random 3 → channels projection). Deterministic; no decoder."""
+
+    def __init__(self, channels: int, down: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.channels, self.down = channels, down
+        self.proj = torch.randn(channels, 3, generator=g)
+
+    def encode(self, pixels):
+        x = pixels[..., :3].movedim(-1, 1).float()  # F, 3, H, W
+        x = torch.nn.functional.avg_pool2d(x, self.down)[::4]  # F', 3, h, w
+        lat = torch.einsum("oc,fchw->ofhw", self.proj, x * 2.0 - 1.0)
+        return lat[None]
+
+
+class DCMTestVAE(io.ComfyNode):
+    """A test VAE (encode only) for the image-to-video conditioning nodes: 16 channels / 8× (Wan2.1 VAE) or
+    48 channels / 16× (Wan2.2 VAE)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DCMTestVAE",
+            category="testing/DCM",
+            inputs=[io.Int.Input("channels", default=16, min=1, max=64), io.Int.Input("downscale", default=8, min=1, max=32),
+                    io.Int.Input("seed", default=0, min=0, max=2**31)],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, channels, downscale, seed):
+        return io.NodeOutput(_TestVAE(channels, downscale, seed))
+
+
+class DCMTestImage(io.ComfyNode):
+    """A deterministic random IMAGE ``[frames, height, width, 3]`` in 0..1 (the start image)."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DCMTestImage",
+            category="testing/DCM",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31), io.Int.Input("width", default=32, min=8, max=512),
+                    io.Int.Input("height", default=32, min=8, max=512), io.Int.Input("frames", default=1, min=1, max=64)],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed, width, height, frames):
+        g = torch.Generator().manual_seed(seed)
+        return io.NodeOutput(torch.rand(frames, height, width, 3, generator=g))
+
+
+class _ClipVisionOut:
+    def __init__(self, penultimate_hidden_states):
+        self.penultimate_hidden_states = penultimate_hidden_states
+
+
+class DCMTestClipVisionOutput(io.ComfyNode):
+    """A CLIP_VISION_OUTPUT with random ``penultimate_hidden_states`` [1, 257, 1280] (what Wan2.1 I2V's image
+    embedder reads), for WanImageToVideo's clip_vision_output input."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DCMTestClipVisionOutput",
+            category="testing/DCM",
+            inputs=[io.Int.Input("seed", default=0, min=0, max=2**31)],
+            outputs=[io.ClipVisionOutput.Output()],
+        )
+
+    @classmethod
+    def execute(cls, seed):
+        g = torch.Generator().manual_seed(seed)
+        return io.NodeOutput(_ClipVisionOut(torch.randn(1, 257, 1280, generator=g)))
+
+
 class _Ext(ComfyExtension):
     async def get_node_list(self):
-        return [DCMTestConditioning, DCMTestCapture, DCMTestRecordCalls, DCMTestModelInfo, DCMTestStockUNETLoader]
+        return [DCMTestConditioning, DCMTestCapture, DCMTestRecordCalls, DCMTestModelInfo, DCMTestStockUNETLoader,
+                DCMTestVAE, DCMTestImage, DCMTestClipVisionOutput]
 
 
 async def comfy_entrypoint():
