@@ -11,6 +11,7 @@
 #   make toy-models   retrain the bundled toy teacher and experts from scratch (+ the ablation runs)
 #   make toy-eval     measured quality of the toy experts (needs the ablation runs of toy-models)
 #   make toy-v2-teacher  train (or continue) the world-v2 toy teacher in runs/toy_v2/teacher_run (resumable; issue 12)
+#   make toy-eval-v2  toy VBench on world v2: 64 prompt/seed pairs at 2/4/6 steps against the v2 teacher run
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,7 +21,7 @@ export COMFYUI_PATH
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability soak toy-models toy-eval toy-v2-teacher lint clean
+.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability soak toy-models toy-eval toy-v2-teacher toy-eval-v2 lint clean
 
 venv:
 	@PYTHON=$(PYTHON) VENV=$(VENV) tools/bootstrap.sh
@@ -60,6 +61,9 @@ toy-eval: venv
 
 toy-v2-teacher: venv
 	OMP_NUM_THREADS=1 $(PY) -m dcm_core.toy.build --world v2 --teacher-only --resume
+
+toy-eval-v2: venv
+	OMP_NUM_THREADS=1 $(PY) -m dcm_core.toy.vbench --teacher runs/toy_v2/teacher_run/teacher
 
 lint: venv
 	$(PY) -m ruff check .

@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--semantic-lora", action="store_true", help="semantic stage: LoRA instead of full fine-tune")
     ap.add_argument("--disc-channels", type=int, default=64, help="discriminator width (official 1024)")
     ap.add_argument("--lora-rank", type=int, default=4, help="detail LoRA rank (official 128)")
+    ap.add_argument("--teacher-not-checkpointed", action="store_true",
+                    help="with --checkpointing: checkpoint the student only (the cost of teacher checkpointing)")
+    ap.add_argument("--detail-base-bf16", action="store_true", help="model.detail_base_dtype=bf16 (needs --bf16)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.family not in SHAPES[args.shape]:
@@ -87,11 +90,14 @@ def main() -> int:
             f"mixed_precision={'bf16' if args.bf16 else 'no'}",
             f"model.gradient_checkpointing={'true' if args.checkpointing else 'false'}",
             f"model.semantic_lora={'true' if args.semantic_lora else 'false'}",
+            f"model.detail_base_dtype={'bf16' if args.detail_base_bf16 else 'fp32'}",
         ]
         cfg = load_config(None, ov, stage=args.stage)
         t0 = time.perf_counter()
         tr = DCMTrainer(cfg)
         setup_s = time.perf_counter() - t0
+        if args.teacher_not_checkpointed and tr.models.teacher is not None:
+            tr.models.teacher.disable_gradient_checkpointing()  # the trainer before teacher checkpointing
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         res = tr.train()
@@ -110,6 +116,9 @@ def main() -> int:
             "steps_per_s": round(len(steady) / sum(steady), 3),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
             "peak_cuda_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 2) if torch.cuda.is_available() else None,
+            "peak_cuda_reserved_gb": round(torch.cuda.max_memory_reserved() / 1024**3, 2) if torch.cuda.is_available() else None,
+            "teacher_checkpointed": bool(tr.models.teacher is not None and tr.models.teacher.gradient_checkpointing),
+            "text_tokens": args.text_tokens,
             "final_loss": res.history[-1]["loss"],
         }
     print(json.dumps(out))

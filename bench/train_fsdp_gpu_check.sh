@@ -13,8 +13,12 @@
 #   3. resume: FSDP detail run stopped after step 2, `--resume latest` to step 4 == run 2's FSDP step 4 (torch.equal)
 #   4. bf16 autocast + FSDP activation checkpointing, both stages: finite, in the ballpark of a 1-GPU bf16 run
 #      (bf16 rounding differs between batch 1 and batch 2: weights within 2e-3, Adam moments within 50 %)
-#   5. (GPUs only) the official Wan detail recipe at the Wan-1.3B shape on one 480x832x81 clip, FSDP2 over 2 GPUs:
-#      `train --plan` next to the measured peak CUDA memory ("does it fit on 80 GB" in one command)
+#   5. (GPUs only) the official Wan detail recipe at the Wan-1.3B shape on one 480x832x81 clip (512 text tokens),
+#      FSDP2 over 2 GPUs (bf16 all-gathers), teacher replicated and then parallel.shard_teacher=true:
+#      `train --plan` next to the measured peak CUDA memory and a "fits / does NOT fit on an 80 GB card" line
+# Checkpoints under FSDP are sharded (DCP, checkpoint-N/sharded/): they are compared through
+# dcm_core.train.checkpoint.sharded_as_files (read whole, the unsharded layout).
+# The GPU part (5. and everything on NCCL) was written without a GPU: not run yet.
 # and prints PASS/FAIL per check (fp32: the tolerances of test_fsdp.py) and the mean step times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +95,18 @@ EOF
        max_train_steps=3 checkpoint.every_steps=0 validation.every_steps=0 export.at_end=false logging.progress_bar=false)
     "$PY" -m dcm_core train "${R[@]}" output_dir="$OUT/det_480p" --plan --num-gpus 2 --gpu-memory 80 || true
     fsdp bf16 --fsdp_activation_checkpointing true -- "${R[@]}" output_dir="$OUT/det_480p"
-    "$PY" -c "import json,sys; m=[json.loads(l) for l in open(sys.argv[1])]; print('measured peak CUDA memory (process 0):', max(r.get('cuda_peak_gib', 0) for r in m), 'GiB; step time', m[-1]['step_time_s'], 's')" "$OUT/det_480p/metrics.jsonl" || echo "FAIL  480p detail run (see above)"
+    "$PY" -m dcm_core train "${R[@]}" output_dir="$OUT/det_480p_st" parallel.shard_teacher=true --plan --num-gpus 2 --gpu-memory 80 || true
+    fsdp bf16 --fsdp_activation_checkpointing true -- "${R[@]}" output_dir="$OUT/det_480p_st" parallel.shard_teacher=true
+    for run in det_480p det_480p_st; do
+        "$PY" - "$OUT/$run/metrics.jsonl" "$run" <<'PYEOF' || echo "FAIL  $run: no metrics (out of memory or error; see above)"
+import json, sys
+m = [json.loads(l) for l in open(sys.argv[1])]
+peak = max(r.get("cuda_peak_gib", 0) for r in m)  # process 0's max_memory_allocated (the trainer logs it)
+h100 = 81559 / 1024 - 1.0  # an H100 80 GB as nvidia-smi reports it, less ~1 GiB of CUDA context outside the allocator
+print(f"{sys.argv[2]}: measured peak CUDA memory (process 0) {peak:.1f} GiB, step time {m[-1]['step_time_s']:.2f} s -> "
+      f"{'fits' if peak <= h100 else 'does NOT fit'} on an 80 GB card (allocator slack not counted)")
+PYEOF
+    done
 fi
 
 "$PY" - "$OUT" <<'EOF'
@@ -104,8 +119,14 @@ def report(name, good, info=""):
     global ok
     ok &= bool(good); print(f"{'PASS' if good else 'FAIL'}  {name}  {info}")
 def ckpt(run, step):
+    from dcm_core.train import checkpoint as ck
     d = out / run / "checkpoints" / f"checkpoint-{step:08d}"
-    return {f.name: load_file(str(f)) for f in sorted(d.glob("*.safetensors"))} if d.is_dir() else {}
+    if not d.is_dir():
+        return {}
+    files = {f.name: load_file(str(f)) for f in sorted(d.glob("*.safetensors"))}
+    if ck.is_sharded(d):  # FSDP2: DCP shards, read whole in the unsharded layout
+        files.update(ck.sharded_as_files(d))
+    return files
 def maxdiff(a, b):
     return max(((x.double() - y.double()).abs().max().item() for k in a for x, y in [(a[k], b[k])] if x.numel()), default=0.0)
 def close(run_a, run_b, step, weight_atol, moment_rtol):

@@ -48,7 +48,7 @@ def make_dataset(root: Path, *, t: int, h: int, w: int, n: int = 2, seed: int = 
     return write_latent_dataset(root, items, uncond=uncond)
 
 
-def stage_command(model: str, stage: str, data: Path, out: Path, steps: int) -> list[str]:
+def stage_command(model: str, stage: str, data: Path, out: Path, steps: int, *, teacher_checkpointing: bool = True) -> list[str]:
     common = [
         f"data.path={data}", f"output_dir={out}", f"max_train_steps={steps}", "checkpoint.every_steps=0",
         "validation.every_steps=0", "export.at_end=false", "logging.progress_bar=false", "data.batch_size=1",
@@ -64,16 +64,20 @@ def stage_command(model: str, stage: str, data: Path, out: Path, steps: int) -> 
             # the official full fine-tune needs ~28 GB (fp32 student + grads + AdamW + teacher): over this
             # machine's RAM, so the pack's memory-saving option (LoRA on the teacher) is measured instead
             extra.append("model.semantic_lora=true")
-    return [sys.executable, "-m", "dcm_core", "train", "--stage", stage, "--config", str(cfg), *common, *extra]
+    # (teacher_checkpointing=False: the cost-of-teacher-checkpointing row, bench/train_variant.py)
+    entry = ["-m", "dcm_core"] if teacher_checkpointing else [str(ROOT / "bench" / "train_variant.py"), "--teacher-not-checkpointed", "--"]
+    return [sys.executable, *entry, "train", "--stage", stage, "--config", str(cfg), *common, *extra]
 
 
-def run_stage(model: str, stage: str, data: Path, work: Path, *, steps: int, timeout: float, threads: int = 1) -> dict:
-    out = work / f"run_{model}_{stage}"
-    cmd = stage_command(model, stage, data, out, steps)
+def run_stage(
+    model: str, stage: str, data: Path, work: Path, *, steps: int, timeout: float, threads: int = 1, teacher_checkpointing: bool = True
+) -> dict:
+    out = work / f"run_{model}_{stage}{'' if teacher_checkpointing else '_teacher_not_ckpt'}"
+    cmd = stage_command(model, stage, data, out, steps, teacher_checkpointing=teacher_checkpointing)
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    log_path = work / f"train_{model}_{stage}.log"
+    log_path = work / f"train_{model}_{stage}{'' if teacher_checkpointing else '_teacher_not_ckpt'}.log"
     t0 = time.perf_counter()
     with open(log_path, "wb") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
@@ -97,7 +101,7 @@ def run_stage(model: str, stage: str, data: Path, work: Path, *, steps: int, tim
     times = [m["step_time_s"] for m in metrics if "step_time_s" in m]
     timed = times[1:] if len(times) > 1 else times
     res = {
-        "model": model, "stage": stage, "command": cmd[3:], "returncode": p.returncode, "timed_out": timed_out,
+        "model": model, "stage": stage, "teacher_checkpointing": teacher_checkpointing, "command": cmd[1:], "returncode": p.returncode, "timed_out": timed_out,
         "wall_s": wall, "steps_done": len(times), "step_times_s": times,
         "steps_per_s": (len(timed) / sum(timed)) if timed and sum(timed) > 0 else None,
         "peak_rss": max(peak["rss"], hwm), "peak_rss_anon": peak["anon"],

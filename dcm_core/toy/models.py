@@ -46,8 +46,8 @@ def _need(path: Path) -> Path:
     return path
 
 
-def _read_config(weights_dir: Path) -> dict:
-    cfg = json.loads(_need(weights_dir / TEACHER_DIR / "config.json").read_text())
+def _read_config(weights_dir: Path, teacher_dir: Path | None = None) -> dict:
+    cfg = json.loads(_need(Path(teacher_dir or weights_dir / TEACHER_DIR) / "config.json").read_text())
     keep = set(tiny.wan_config().keys())
     out = {k: v for k, v in cfg.items() if k in keep}
     for k in ("patch_size",):
@@ -77,16 +77,18 @@ def load_dcm(weights_dir: str | Path = WEIGHTS_DIR, file: str = DCM_FILE) -> nn.
     return _load_dcm_at(weights_dir / file, weights_dir)
 
 
-def load_dcm_file(path: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> nn.Module:
-    """A DCM official-layout file with the toy architecture (e.g. an ablation run's export)."""
-    return _load_dcm_at(Path(path), Path(weights_dir))
+def load_dcm_file(path: str | Path, weights_dir: str | Path = WEIGHTS_DIR,
+                  teacher_dir: str | Path | None = None) -> nn.Module:
+    """A DCM official-layout file with the toy architecture (e.g. an ablation run's export); the architecture
+    is the teacher's (``teacher_dir``, default ``<weights_dir>/teacher``)."""
+    return _load_dcm_at(Path(path), Path(weights_dir), teacher_dir)
 
 
-def _load_dcm_at(path: Path, weights_dir: Path) -> nn.Module:
+def _load_dcm_at(path: Path, weights_dir: Path, teacher_dir: str | Path | None = None) -> nn.Module:
     from ..formats import inspect_file
 
     info = inspect_file(str(_need(path)))
-    model = tiny.build_transformer(FAMILY_WAN, _read_config(weights_dir))
+    model = tiny.build_transformer(FAMILY_WAN, _read_config(weights_dir, teacher_dir))
     add_detail_expert(model, rank=int(info.lora_rank), alpha=float(info.lora_alpha))
     model.load_state_dict(_load_sd(path), strict=True)
     return model.eval()
@@ -96,6 +98,13 @@ def load_vcm(weights_dir: str | Path = WEIGHTS_DIR, file: str = VCM_FILE) -> nn.
     weights_dir = Path(weights_dir)
     model = tiny.build_transformer(FAMILY_WAN, _read_config(weights_dir))
     model.load_state_dict(_load_sd(weights_dir / file), strict=True)
+    return model.eval()
+
+
+def load_vcm_file(path: str | Path, teacher_dir: str | Path) -> nn.Module:
+    """A single-expert model file (plain diffusers keys) with the architecture of the teacher in ``teacher_dir``."""
+    model = tiny.build_transformer(FAMILY_WAN, _read_config(Path(teacher_dir), Path(teacher_dir)))
+    model.load_state_dict(_load_sd(Path(path)), strict=True)
     return model.eval()
 
 

@@ -8,7 +8,10 @@ Two studies, both on a fixed held-out set of prompts × seeds, every sampler sta
   world's analytic scores. A world is "hard for few-step sampling" when these differ clearly.
 * **spectral** — a model-free proxy (:func:`spectral_decided`): which share of the clips' (fine-detail)
   energy is above the noise at each σ, for v1 and v2;
-* **conditioning** — does the teacher listen to each word of the prompt (:func:`conditioning_sensitivity`);
+* **conditioning** — does the teacher listen to each word of the prompt (:func:`conditioning_sensitivity`), and
+  does its text embedder still tell the words of one kind apart (:func:`word_separation`), and does it know
+  which frame and place a token is at (:func:`position_probe`);
+* **word value** — model-free: what each word is worth to the ideal denoiser at high σ (:func:`word_value`);
 * **shift** — which grid the teacher's 50-step *reference* sampling should use: for each shift s, the
   50-step sample on σ = shift(u, s) against a near-converged ODE solution (``--converged-steps`` Euler
   steps; its own error is bounded by comparing two converged solutions on different grids), plus the
@@ -158,6 +161,145 @@ def conditioning_sensitivity(model, world, *, sigmas=(0.95, 0.8, 0.5), bases=CON
     return out
 
 
+WORD_GROUPS = {"colour": None, "shape": None, "direction": ("left", "right", "up", "down")}
+
+
+@torch.no_grad()
+def word_separation(model, world) -> dict:
+    """Are the words of one kind still told apart after the model's own text embedder? Cosine similarity of
+    the embedded word vectors (``condition_embedder.text_embedder``), the largest within each group
+    (colours, shapes, the four directions of ``moving …``) and the mean across groups. A group whose words
+    map to nearly the same vector (cosine → 1) cannot steer the model apart, whatever comes after."""
+    from .world import _WORD_VECTORS, COLOURS, SHAPES
+
+    te = model.condition_embedder.text_embedder
+    groups = {"colour": tuple(COLOURS), "shape": tuple(SHAPES), "direction": WORD_GROUPS["direction"]}
+    out = {}
+    for g, words in groups.items():
+        e = torch.nn.functional.normalize(te(torch.stack([torch.from_numpy(_WORD_VECTORS[w]) for w in words])), dim=-1)
+        cos = e @ e.T
+        off = cos[~torch.eye(len(words), dtype=torch.bool)]
+        out[g] = {"max_cosine": float(off.max()), "mean_cosine": float(off.mean())}
+    return out
+
+
+def ridge_r2(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+             ridge: float = 10.0) -> list[float]:
+    """R² on the test rows of a ridge regression (features standardised on the training rows, with
+    intercept) fitted on the training rows, per target."""
+    mu, sd = train_x.double().mean(0), train_x.double().std(0).clamp_min(1e-8)
+
+    def aug(x):
+        return torch.cat([(x.double() - mu) / sd, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+
+    a, b = aug(train_x), aug(test_x)
+    coef = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ train_y.double())
+    pred = b @ coef
+    y = test_y.double()
+    return [float(v) for v in 1 - ((pred - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0).clamp_min(1e-12)]
+
+
+@torch.no_grad()
+def position_probe(model, world, *, sigmas=(0.98, 0.9, 0.5), n_train: int = 6, n_test: int = 2, seed: int = 0) -> dict:
+    """Does the model know *where* a token is? Wan has no absolute position embedding (RoPE gives only
+    relative offsets), yet a prompt's motion word pins the object's mean path to absolute frames and
+    places. A ridge probe from each block's token features to the token's (frame, row, column) index,
+    fitted on ``n_train`` noises and scored (R²) on ``n_test`` others, per σ; ≤ 0 means not decodable."""
+    from ..modeling import velocity
+
+    feats: dict[str, torch.Tensor] = {}
+    hooks = [model.patch_embedding.register_forward_hook(
+        lambda mod, a, o: feats.__setitem__("input", o.flatten(2).transpose(1, 2)))]
+    for i, b in enumerate(model.blocks):
+        hooks.append(b.register_forward_hook(lambda mod, a, o, i=i: feats.__setitem__(f"block{i}", o)))
+    _, f, h, w = world.latent_shape()[1:]
+    pt, ph, pw = model.config.patch_size
+    t, y, x = torch.meshgrid(torch.arange(f // pt), torch.arange(h // ph), torch.arange(w // pw), indexing="ij")
+    target = torch.stack([t.flatten(), y.flatten(), x.flatten()], 1).float()
+    n = n_train + n_test
+    prompts = [STUDY_PROMPTS[i % len(STUDY_PROMPTS)] for i in range(n)]
+    ctx = torch.stack([world.encode_text(p) for p in prompts])
+    g = torch.Generator().manual_seed(seed)
+    out: dict = {}
+    try:
+        for s in sigmas:
+            velocity(model, torch.randn((n, *world.latent_shape()[1:]), generator=g), s, ctx)
+            row = {}
+            for k, v in feats.items():
+                r2 = ridge_r2(v[:n_train].reshape(-1, v.shape[-1]), target.repeat(n_train, 1),
+                              v[n_train:].reshape(-1, v.shape[-1]), target.repeat(n_test, 1))
+                row[k] = dict(zip(("frame", "row", "column"), r2))
+            out[f"{s:g}"] = row
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return out
+
+
+WORD_VALUE_PROMPTS = ("red circle moving right", "blue square moving up", "green diamond bouncing",
+                      "white circle moving left")
+WORD_VALUE_SIGMAS = (0.98, 0.95, 0.9, 0.85, 0.8)
+WORD_VALUE_CLIPS = 60  # clips per prompt in each set
+
+
+def word_value(world, *, per_prompt: int | None = None, tests_per_prompt: int = 6, sigmas=WORD_VALUE_SIGMAS,
+               prompts=None, seed: int = 0) -> dict:
+    """What each word is worth to the *ideal* denoiser, per σ (model-free; the loss a teacher can gain by
+    listening to it).
+
+    The Bayes-optimal x0-prediction given ``x_σ`` over a finite set of clips is the softmax-weighted mean
+    of the clips (weights ``exp(−‖x_σ − (1−σ)x_i‖² / 2σ²)``). For a test clip of prompt P, the v-loss
+    ``‖x̂0 − x0‖²/σ²`` is computed with the set of P's clips (the word known) and with the union over every
+    value of one attribute (the word unknown), the two sets of equal size so set size does not favour either.
+    ``gain`` = loss without the word − loss with it. Reliable at high σ (where the posterior spreads over
+    many clips); at low σ a finite set only finds its nearest clip, so σ < 0.8 is not reported.
+    """
+    import dataclasses
+
+    from .world import COLOURS, MOTIONS, SHAPES
+
+    per_prompt = per_prompt or WORD_VALUE_CLIPS
+    prompts = prompts or WORD_VALUE_PROMPTS
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    cache: dict = {}
+
+    def clips(p, k):
+        have = cache.get(p)
+        if have is None or len(have) < k:
+            more = [world.make_clip(p.text, int(rng.integers(2**31))).latent.flatten()
+                    for _ in range(k - (0 if have is None else len(have)))]
+            cache[p] = torch.stack(([] if have is None else list(have)) + more)
+        return cache[p][:k]
+
+    def denoise(xt, s, X):
+        w = torch.softmax(-((xt[None] - (1 - s) * X) ** 2).sum(1) / (2 * s * s), 0)
+        return (w[:, None] * X).sum(0)
+
+    kinds = {"colour": tuple(COLOURS), "shape": SHAPES, "motion": MOTIONS}
+    acc = {k: {"with": np.zeros(len(sigmas)), "without": np.zeros(len(sigmas))} for k in kinds}
+    n = 0
+    for text in prompts:
+        p = world.parse_prompt(text)
+        for k, values in kinds.items():
+            union = torch.cat([clips(dataclasses.replace(p, **{k: v}), per_prompt) for v in values])
+            own = clips(p, len(union))
+            for r in range(tests_per_prompt):
+                x0 = world.make_clip(text, 10**7 + 1000 * n + r).latent.flatten()
+                eps = torch.randn(x0.shape, generator=g)
+                for i, s in enumerate(sigmas):
+                    xt = s * eps + (1 - s) * x0
+                    acc[k]["with"][i] += float(((denoise(xt, s, own) - x0) ** 2).mean()) / s**2
+                    acc[k]["without"][i] += float(((denoise(xt, s, union) - x0) ** 2).mean()) / s**2
+        n += 1
+    m = n * tests_per_prompt
+    out = {"per_prompt_clips": per_prompt, "tests": m, "by_sigma": {}}
+    for i, s in enumerate(sigmas):
+        out["by_sigma"][f"{s:g}"] = {k: {"loss_with": acc[k]["with"][i] / m, "gain": (acc[k]["without"][i] - acc[k]["with"][i]) / m}
+                                    for k in kinds}
+    return out
+
+
 #: Noise levels at which :func:`spectral_decided` reports (DCM's switch points and the presets' last jumps among them).
 SPECTRAL_SIGMAS = (0.99, 0.975, 0.95, 0.9, 0.81, 0.7, 0.5, 0.26, 0.1, 0.05)
 HF_CUTOFF = 1 / 6  # cycles per pixel: periods ≤ 6 px (the v2 textures' band) count as "fine detail"
@@ -204,17 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--converged-steps", type=int, default=400)
-    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning"), default=None,
-                   help="one study (spectral: the model-free proxy for v1 and v2, no teacher needed)")
+    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning", "word-value"), default=None,
+                   help="one study (spectral, word-value: model-free, for v1 and v2, no teacher needed)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    if a.only == "spectral" or not (a.teacher or a.ckpt):
-        if a.only not in (None, "spectral"):
-            p.error("--teacher or --ckpt is needed for the hardness and shift studies")
-        res = {v: spectral_decided(world_v2.get_world(v)) for v in ("v1", "v2")}
+    if a.only in ("spectral", "word-value") or not (a.teacher or a.ckpt):
+        if a.only not in (None, "spectral", "word-value"):
+            p.error("--teacher or --ckpt is needed for the hardness, shift and conditioning studies")
+        fn = word_value if a.only == "word-value" else spectral_decided
+        res = {v: fn(world_v2.get_world(v)) for v in ((a.world,) if a.world else ("v1", "v2"))}
         print(json.dumps(res, indent=1))
         if a.out:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"teacher": info, "world": world.__name__.rsplit(".", 1)[-1], "cfg_scale": a.cfg}
     if a.only in (None, "conditioning"):
         res["conditioning"] = conditioning_sensitivity(model, world)
+        res["word_separation"] = word_separation(model, world)
+        res["position_probe"] = position_probe(model, world)
     if a.only in (None, "hardness"):
         res["hardness"] = hardness(model, world, n_prompts=a.prompts, cfg_scale=a.cfg)
     if a.only in (None, "shift"):

@@ -11,6 +11,18 @@ A checkpoint is a folder ``checkpoints/checkpoint-00000100/``::
     trainer_state.json           step, data position, world size, config
     MANIFEST.json                sha256 of every file above — written LAST
 
+Under FSDP2 the trainable weights, EMA and optimizer moments are not gathered: every process writes
+its own rows through ``torch.distributed.checkpoint`` (DCP) with its safetensors storage
+(``HuggingFaceStorageWriter(save_distributed=True)``: one ``sharded/shard-0000{r+1}-….safetensors``
+per process, the row offsets of each tensor in the file's header — no pickle, no ``.metadata`` file)::
+
+    sharded/shard-*.safetensors  ``trainable.<name>``, ``ema.<name>``, ``optimizer.<name>.<state>``
+    optimizer.json               param groups + scalars, and ``param_names`` (position → name)
+
+instead of ``trainable`` / ``ema`` / ``optimizer.safetensors``. The shards are read back by any
+number of processes (DCP reshards: 2 → 1, 1 → 2, …) and by ``export`` (straight into the rebuilt
+model's parameters). The manifest covers the shard files too; each process hashes its share of them.
+
 Writes go to ``.tmp-checkpoint-…`` and the folder is renamed into place only after the
 manifest is fsync'ed, so a run killed at any moment leaves either a complete checkpoint or
 none. :func:`find_latest_valid` re-hashes the files and skips (with a warning) a newest
@@ -53,6 +65,8 @@ CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 BROKEN_RE = re.compile(r"^\.broken-checkpoint-(\d+)$")
 TRASH = ".trash"
 FORMAT_VERSION = 1
+#: sub-folder of a checkpoint holding the DCP shards of an FSDP2 run
+SHARDED_DIR = "sharded"
 #: how many damaged checkpoints moved aside on resume are kept (the newest), for a post-mortem
 KEEP_BROKEN = 1
 
@@ -219,6 +233,8 @@ class CheckpointWriter:
         self.step = step
         self.final = self.root / checkpoint_name(step)
         self.tmp = self.root / f".tmp-{checkpoint_name(step)}"
+        #: manifest entries already computed (the shard files, hashed by the processes that share them)
+        self.hashed: dict[str, dict[str, Any]] = {}
 
     def prepare(self) -> None:
         """Main process: a fresh temp folder."""
@@ -233,14 +249,45 @@ class CheckpointWriter:
     def json(self, name: str, obj: Any) -> None:
         save_json(self.tmp / name, obj)
 
-    def commit(self) -> Path:
-        """Main process: hash every file, write the manifest last, fsync, rename into place."""
-        files = sorted(p.name for p in self.tmp.iterdir() if p.is_file() and p.name != MANIFEST)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": self.step,
-            "files": {name: {"sha256": sha256_file(self.tmp / name), "bytes": (self.tmp / name).stat().st_size} for name in files},
+    def sharded(self, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+        """EVERY process: write this process's rows of ``tensors`` (DTensors and plain tensors) into
+        ``sharded/`` through DCP, then hash a share of the shard files; returns the manifest entries of all
+        of them (the same on every process)."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+        folder = self.tmp / SHARDED_DIR
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+        # dcp.save returns after its final collective: every shard file is complete (and fsync'ed)
+        files = sorted(p.name for p in folder.iterdir() if p.is_file())
+        world, rank = dist.get_world_size(), dist.get_rank()
+        mine = {
+            f"{SHARDED_DIR}/{n}": {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size}
+            for i, n in enumerate(files)
+            if i % world == rank
         }
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, mine)
+        entries = {k: v for part in parts for k, v in part.items()}
+        self.hashed.update(entries)
+        _fsync_dir(folder)
+        return entries
+
+    def commit(self) -> Path:
+        """Main process: hash every file (the shards' hashes come from :meth:`sharded`), write the manifest
+        last, fsync, rename into place."""
+        files = sorted(
+            p.relative_to(self.tmp).as_posix() for p in self.tmp.rglob("*") if p.is_file() and p.name != MANIFEST
+        )
+        entries = {}
+        for name in files:
+            known = self.hashed.get(name)
+            size = (self.tmp / name).stat().st_size
+            if known is None or known["bytes"] != size:
+                known = {"sha256": sha256_file(self.tmp / name), "bytes": size}
+            entries[name] = known
+        manifest = {"format_version": FORMAT_VERSION, "step": self.step, "files": entries}
         save_json(self.tmp / MANIFEST, manifest)
         _fsync_dir(self.tmp)
         if self.final.exists():
@@ -271,12 +318,13 @@ def verify_checkpoint(path: Path) -> str | None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         return "MANIFEST.json is unreadable (no 'files' table of {name: {sha256, bytes}})"
-    for name in ("trainer_state.json", "trainable.safetensors"):
-        if name not in files:
-            return f"{name} is not listed in the manifest"
+    if "trainer_state.json" not in files:
+        return "trainer_state.json is not listed in the manifest"
+    if "trainable.safetensors" not in files and not any(_is_shard_name(n) for n in files):
+        return f"trainable.safetensors (or {SHARDED_DIR}/*.safetensors) is not listed in the manifest"
     for name, info in files.items():
         f = path / name
-        if not name or Path(name).name != name:
+        if not name or not (Path(name).name == name or _is_shard_name(name)):
             return f"the manifest lists {name!r}, which is not a file of this folder"
         if not f.is_file():
             return f"{name} is missing"
@@ -285,6 +333,74 @@ def verify_checkpoint(path: Path) -> str | None:
         if sha256_file(f) != info.get("sha256"):
             return f"{name} does not match its sha256 (corrupted)"
     return None
+
+
+def _is_shard_name(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and parts[0] == SHARDED_DIR and parts[1] not in ("", ".", "..") and parts[1].endswith(".safetensors")
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint folder holds DCP shards (an FSDP2 run) rather than ``trainable.safetensors``."""
+    return (Path(path) / SHARDED_DIR).is_dir()
+
+
+def _shard_reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    return HuggingFaceStorageReader(str(Path(path) / SHARDED_DIR))
+
+
+def sharded_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``{key: (shape, dtype)}`` of every tensor of a sharded checkpoint (read from the shards' headers)."""
+    md = _shard_reader(path).read_metadata()
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()}
+
+
+def load_sharded(path: Path, targets: dict[str, torch.Tensor], *, this_process_only: bool) -> None:
+    """Read a sharded checkpoint INTO ``targets`` (``{key: tensor}``, in place): plain tensors get the whole
+    tensor, FSDP2 DTensors this process's rows only. ``this_process_only``: no collective (every process reads on
+    its own: one process, DDP, export); otherwise every process of the group must call it.
+
+    Refuses (naming the checkpoint) a key the checkpoint lacks or a shape that differs."""
+    import torch.distributed.checkpoint as dcp
+
+    shapes = sharded_shapes(path)
+    missing = [k for k in targets if k not in shapes]
+    wrong = [f"{k} {tuple(shapes[k][0])} vs {tuple(t.shape)}" for k, t in targets.items() if k in shapes and tuple(shapes[k][0]) != tuple(t.shape)]
+    if missing or wrong:
+        raise DCMCheckpointError(
+            f"checkpoint {path} does not fit this run: {len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(wrong)} of another shape (e.g. {wrong[:3]}); the config changed the trainable set."
+        )
+    dcp.load(targets, storage_reader=_shard_reader(path), no_dist=this_process_only)
+
+
+def read_sharded(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint whose key starts with ``prefix``, whole (this process alone)."""
+    targets = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in sharded_shapes(path).items() if k.startswith(prefix)}
+    load_sharded(path, targets, this_process_only=True)
+    return targets
+
+
+def sharded_as_files(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """A sharded checkpoint's tensors, whole, in the layout of the unsharded files: ``trainable.safetensors``
+    / ``ema.safetensors`` ``{name: tensor}`` and ``optimizer.safetensors`` ``{"state.<position>.<state>": tensor}``
+    (positions from ``optimizer.json``'s ``param_names``). Materialises everything in this process: for a
+    resume without FSDP and for tests."""
+    meta = load_json(Path(path) / "optimizer.json")
+    position = {n: i for i, n in enumerate(meta.get("param_names", []))}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in read_sharded(path).items():
+        kind, _, rest = key.partition(".")
+        if kind == "optimizer":
+            name, _, state = rest.rpartition(".")
+            if name not in position:
+                raise DCMCheckpointError(f"checkpoint {path}: optimizer tensor {key} has no position in optimizer.json.")
+            out.setdefault("optimizer.safetensors", {})[f"state.{position[name]}.{state}"] = t
+        else:
+            out.setdefault(f"{kind}.safetensors", {})[rest] = t
+    return out
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -158,8 +158,10 @@ def export_model(
     dtype: str | None = None,
     native: bool | None = None,
     step: int | None = None,
+    disposable: bool = False,
 ) -> dict[str, str]:
-    """Write the export of ``student`` (see the module docstring); returns ``{what: path}``."""
+    """Write the export of ``student`` (see the module docstring); returns ``{what: path}``. ``disposable``: the
+    student was rebuilt for this export only — a semantic LoRA is merged into it in place (no second copy)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -180,7 +182,7 @@ def export_model(
         tdir.mkdir(parents=True)
         student.save_config(str(tdir))
         if cfg.stage == STAGE_SEMANTIC:
-            sd = merged_semantic_state_dict(student)
+            sd = merged_semantic_state_dict(student, in_place=disposable)
             layout = "diffusers (semantic expert)"
         else:
             sd = {k: v.detach() for k, v in student.state_dict().items()}
@@ -307,20 +309,34 @@ def export_run(
     path = ck.resolve_resume(checkpoint or "latest", run / "checkpoints")
     torch.manual_seed(cfg.seed)
     student = build_student(cfg)
-    tensors = ck.load_tensors(path / "trainable.safetensors")
     named = dict(student.named_parameters())
-    missing = [n for n, p in named.items() if p.requires_grad and n not in tensors]
-    unknown = [n for n in tensors if n not in named]
+    if ck.is_sharded(path):
+        # written under FSDP2: the shards are read straight into the rebuilt model's parameters (one fp32 copy of
+        # the model in memory, nothing gathered)
+        saved = {k[len("trainable."):] for k in ck.sharded_shapes(path) if k.startswith("trainable.")}
+        tensors = None
+    else:
+        tensors = ck.load_tensors(path / "trainable.safetensors")
+        saved = set(tensors)
+    missing = [n for n, p in named.items() if p.requires_grad and n not in saved]
+    unknown = [n for n in saved if n not in named]
     if missing or unknown:
         raise DCMCheckpointError(
             f"{path} does not match the model rebuilt from {run / 'config.json'}: {len(missing)} trainable tensors "
             f"missing (e.g. {missing[:3]}), {len(unknown)} unknown (e.g. {unknown[:3]})."
         )
     with torch.no_grad():
-        for n, t in tensors.items():
-            named[n].copy_(t.to(named[n].dtype))
+        if tensors is None:
+            targets = {f"trainable.{n}": named[n].detach() for n in sorted(saved)}
+            if any(t.dtype != torch.float32 for t in targets.values()):
+                raise DCMCheckpointError(f"internal: {path}: the rebuilt student's trainable parameters are not fp32.")
+            ck.load_sharded(path, targets, this_process_only=True)
+        else:
+            for n, t in tensors.items():
+                named[n].copy_(t.to(named[n].dtype))
     step = int(ck.load_json(path / "trainer_state.json")["global_step"])
-    return export_model(cfg, student, out_dir or run / "export", name=name, dtype=dtype, native=native, step=step)
+    return export_model(cfg, student, out_dir or run / "export", name=name, dtype=dtype, native=native, step=step,
+                        disposable=True)
 
 
 # ---------------------------------------------------------------------------- CLI

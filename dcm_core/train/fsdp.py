@@ -13,24 +13,30 @@ How a run is sharded (``accelerate launch --use_fsdp ...``, see the trainer READ
   all-gathers as a whole at the start of every forward, and FSDP2 binds parameters to the module
   *objects*, not to their attribute names — so the swap is seen by the sharded model exactly as by
   an unsharded one (checked numerically by the tests).
-* **parameters stay fp32** (masters = what is all-gathered and reduce-scattered, the official
-  ``MixedPrecision(fp32, fp32, fp32)``); ``mixed_precision = "bf16"`` means bf16 *autocast* around
-  the forwards, as in the official scripts. Gradients are averaged over processes (reduce-scatter).
-* **teacher** — frozen and **replicated** (not sharded): every process holds the whole teacher in
-  ``model.teacher_dtype`` (bf16 under mixed precision). The discriminator reads the teacher's
-  block outputs through forward hooks and decodes them with the teacher's own head *outside* the
-  teacher's forward, which a sharded root could not serve. Cost: one bf16 copy of the base model
-  per GPU (Wan 1.3B: 2.6 GB, HunyuanVideo 13B: 26 GB). In semantic-LoRA mode the teacher is the
-  sharded student with its adapter switched off (no extra copy at all).
+* **parameters stay fp32 masters** (sharded; AdamW updates them in fp32). Without mixed precision
+  they are also all-gathered and reduce-scattered in fp32 (the official ``MixedPrecision(fp32, fp32,
+  fp32)``). Under ``mixed_precision = "bf16"`` FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32, cast_forward_inputs=False)`` all-gathers them in bf16 (half the traffic and half
+  the gathered units' memory; the inputs are left alone and the forwards run under bf16 autocast, as in
+  the official scripts) and reduce-scatters the gradients in fp32. Gradients are averaged over processes (reduce-scatter).
+* **teacher** — frozen, **replicated** by default: every process holds the whole teacher in
+  ``model.teacher_dtype`` (bf16 under mixed precision; one bf16 copy of the base model per GPU: Wan
+  1.3B 2.6 GB, Wan 14B 28 GB, HunyuanVideo 13B 26 GB). ``parallel.shard_teacher = true`` shards its
+  transformer blocks too (each block one FSDP2 unit, gathered in its storage dtype — no policy, so
+  the numbers are the replicated teacher's); its embedders and output head stay whole on every
+  process, because the discriminator decodes the captured features with the teacher's head
+  *outside* the teacher's forward, which a sharded root could not serve. In semantic-LoRA mode the
+  teacher is the sharded student with its adapter switched off (no extra copy at all).
 * **discriminator** — replicated, plain DDP (the official ``NO_SHARD``).
 * **activation checkpointing** (``--fsdp_activation_checkpointing``) turns on the diffusers
   per-block gradient checkpointing of the student and the frozen teacher (same as
   ``model.gradient_checkpointing``).
 
-Checkpoints stay exactly the unsharded format (:mod:`.checkpoint`): the sharded tensors are
-gathered one at a time (:func:`full_tensor`) and written by process 0; on resume every process
-reads only its own rows of each tensor from the safetensors files (:class:`ShardedReader`). So a
-checkpoint written under FSDP resumes under DDP or in one process and vice versa.
+Checkpoints are sharded (:mod:`.checkpoint`, ``torch.distributed.checkpoint``): every process writes
+its own rows, nothing is gathered. On resume every process reads only its own rows — of a sharded
+checkpoint (any process count) through DCP, of an unsharded one (one process / DDP) from its
+safetensors files (:class:`ShardedReader`). So a checkpoint written under FSDP resumes under DDP or in
+one process and vice versa.
 
 accelerate (1.15) only switches to ``DistributedType.FSDP`` on accelerators; with
 ``ACCELERATE_USE_CPU=true`` it silently falls back to DDP (``MULTI_CPU``) although the launcher
@@ -157,8 +163,36 @@ def block_units(model: nn.Module, family: str) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if n and _base_class_name(m) in names]
 
 
-def shard_model(model: nn.Module, family: str, device: torch.device, world_size: int, reshard_after_forward: bool) -> nn.Module:
-    """``fully_shard`` every block, then the root (in place; returns the same object)."""
+def mixed_precision_policy(mixed_precision: str) -> Any:
+    """FSDP2's ``MixedPrecisionPolicy`` of a run: under ``mixed_precision = "bf16"`` the fp32 masters are
+    all-gathered (and computed with) in bf16 and the gradients reduce-scattered in fp32; otherwise None (fp32
+    throughout).
+
+    The forward's inputs are NOT cast (``cast_forward_inputs=False``): FSDP2 would otherwise round the timestep
+    ``1000·σ`` to bf16 (steps of 4 above 512) and every block's ``temb`` before diffusers' own ``.float()``; the
+    forwards run under bf16 autocast anyway (accelerate), which picks the matmul dtype as in a one-process run."""
+    if mixed_precision != "bf16":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
+def shard_model(
+    model: nn.Module,
+    family: str,
+    device: torch.device,
+    world_size: int,
+    reshard_after_forward: bool,
+    mp_policy: Any = None,
+    *,
+    root: bool = True,
+    what: str = "",
+) -> nn.Module:
+    """``fully_shard`` every block, then the root (in place; returns the same object).
+
+    ``mp_policy``: an FSDP2 ``MixedPrecisionPolicy`` (:func:`mixed_precision_policy`) or None. ``root = False``
+    shards the blocks only (the frozen teacher: its embedders and head stay whole, see the module doc)."""
     # diffusers' transformers return their unpatchified output as a view; FSDP2 warns that an IN-PLACE op on it
     # would skip its pre-backward hook. The trainer only uses model outputs out of place (call_velocity →
     # solver / losses), and the gradients equal an unsharded run's (tests/unit/train/test_fsdp.py).
@@ -171,19 +205,59 @@ def shard_model(model: nn.Module, family: str, device: torch.device, world_size:
     units = block_units(model, family)
     if not units:
         raise DCMConfigError(f"no {family} transformer blocks found to shard ({', '.join(BLOCK_CLASSES.get(family, ()))}).")
-    model.to(device)
+    if not is_on_meta(model):  # (a meta model gets its storage from load_from_main after sharding)
+        model.to(device)
     mesh = init_device_mesh(device.type, (world_size,))
+    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
     for _, block in units:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, **kw)
+    if root:
+        fully_shard(model, **kw)
+    gathered = "fp32" if mp_policy is None else f"param_dtype={_dtype_name(mp_policy.param_dtype)}, reduce_dtype={_dtype_name(mp_policy.reduce_dtype)}"
     log.info(
-        "FSDP2: %d block units (%s) + the root unit over %d processes, reshard_after_forward=%s",
+        "FSDP2: %s%d block units (%s)%s over %d processes, reshard_after_forward=%s, all-gather %s",
+        what,
         len(units),
         ", ".join(sorted({_base_class_name(m) for _, m in units})),
+        " + the root unit" if root else " (embedders and head whole)",
         world_size,
         reshard_after_forward,
+        gathered if mp_policy is not None or root else "in the storage dtype",
     )
     return model
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", None: "as stored"}.get(dtype, str(dtype))
+
+
+def is_on_meta(model: nn.Module) -> bool:
+    """Whether ``model``'s tensors are on the ``meta`` device (built without storage)."""
+    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def load_from_main(model: nn.Module, full: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Give every process ``model``'s weights from process 0 (collective: every process calls it).
+
+    Process 0 holds the loaded model (``full`` = its ``state_dict()``, taken before sharding); the others built
+    it on ``meta``: they get storage (``to_empty``) and receive the weights tensor by tensor through
+    ``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)`` — each keeps its rows of a
+    sharded parameter, all of a replicated one; no process but 0 holds the whole model at any time. Buffers
+    (non-persistent ones such as the rotary tables are not in the state dict) are broadcast too."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    main = dist.get_rank() == 0
+    if not main:
+        model.to_empty(device=device)
+    set_model_state_dict(
+        model, full if main else {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    )
+    with torch.no_grad():
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
 
 
 def is_sharded(t: Any) -> bool:
@@ -267,32 +341,6 @@ class ShardedReader:
         out = torch.zeros_like(like)
         out.to_local().copy_(rows.to(out.dtype))
         return out
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], main: bool) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every sharded state tensor gathered (kept on the main process only).
-
-    Same structure as the unsharded state dict (state keyed by the parameter's position in
-    ``params`` = the optimizer's own order), so the checkpoint files are identical in layout.
-    """
-    sd = optimizer.state_dict()  # param_groups + sharded states, ids = positions
-    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    order = [index[id(p)] for p in params]
-    if order != list(range(len(params))):
-        raise DCMConfigError("internal: the optimizer's parameter order differs from the trainable list.")
-    state: dict[int, dict[str, Any]] = {}
-    for i in sorted(sd["state"]):
-        out = {}
-        for k, v in sorted(sd["state"][i].items()):
-            if isinstance(v, torch.Tensor):
-                v = full_tensor(v)
-                if main:
-                    out[k] = v.detach().to("cpu")
-            elif main:
-                out[k] = v
-        if main:
-            state[i] = out
-    return {"state": state, "param_groups": sd["param_groups"]}
 
 
 def load_optimizer_state(

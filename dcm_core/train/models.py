@@ -368,19 +368,25 @@ def model_root(source: str) -> Path | None:
     return d.parent if d is not None and d != p and d.parent == p else p
 
 
+def pretrained_latent_format(m: Any) -> Any:
+    """The latent format of ``model.pretrained``'s ``vae/config.json`` (``None`` without one); reads no weight."""
+    from ..latents import LatentFormat
+
+    root = model_root(m.pretrained)
+    if root is None or not (root / "vae" / "config.json").is_file():
+        return None
+    vcfg = _read_json(root / "vae" / "config.json")
+    fam = FAMILY_HUNYUAN if "HunyuanVideo" in str(vcfg.get("_class_name", "")) else FAMILY_WAN
+    return LatentFormat.from_vae_config(vcfg, fam, str(root / "vae" / "config.json"))
+
+
 def load_pretrained(m: Any, sides: tuple[str, ...] = ("high", "low")) -> Pretrained:
     """Load ``model.pretrained``: one transformer, or the two of a Wan2.2 A14B folder (only the ``sides`` asked for,
     ``high`` = ``transformer/``, ``low`` = ``transformer_2/``), its ``boundary_ratio`` and the VAE's latent format."""
-    from ..latents import LatentFormat
-
     kw = dict(config_path=m.transformer_config, tiny_config=m.tiny_config, tiny_seed=m.tiny_seed)
     root = model_root(m.pretrained)
     ratio = two_transformer_boundary(root) if root is not None else None
-    fmt = None
-    if root is not None and (root / "vae" / "config.json").is_file():
-        vcfg = _read_json(root / "vae" / "config.json")
-        fam = FAMILY_HUNYUAN if "HunyuanVideo" in str(vcfg.get("_class_name", "")) else FAMILY_WAN
-        fmt = LatentFormat.from_vae_config(vcfg, fam, str(root / "vae" / "config.json"))
+    fmt = pretrained_latent_format(m)
     if ratio is None:
         model = load_transformer(m.pretrained, **kw)
         return Pretrained(model, None, None, base_of(model), fmt)
@@ -393,11 +399,12 @@ def load_pretrained(m: Any, sides: tuple[str, ...] = ("high", "low")) -> Pretrai
     return Pretrained(high, low, 1000.0 * ratio, base_of(one, two_transformers=True), fmt)
 
 
-def merged_semantic_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Plain diffusers state dict of a semantic student; a ``semantic`` LoRA is merged into the base."""
+def merged_semantic_state_dict(model: nn.Module, *, in_place: bool = False) -> dict[str, torch.Tensor]:
+    """Plain diffusers state dict of a semantic student; a ``semantic`` LoRA is merged into the base — of a copy of
+    the model, or with ``in_place`` of the model itself (a student rebuilt only to be exported: no second copy)."""
     m = model
     if getattr(model, "peft_config", None) and SEMANTIC_ADAPTER in model.peft_config:
-        m = copy.deepcopy(model)
+        m = model if in_place else copy.deepcopy(model)
         for layer in tuner_layers(m):
             layer.merge(adapter_names=[SEMANTIC_ADAPTER])
     return {k: v.detach() for k, v in semantic_state_dict(m.state_dict()).items()}
@@ -699,9 +706,30 @@ def frozen_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return freeze(copy.deepcopy(model, memo))
 
 
+def cast_frozen_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the FROZEN parameters of a partly trainable model (the detail student's base) to ``dtype``, one tensor
+    at a time (``_keep_in_fp32_modules`` stay fp32); trainable parameters and buffers are untouched."""
+    if dtype == torch.float32:
+        return model
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(_storage_dtype(model, name, p, dtype))
+    return model
+
+
 def freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
+
+
+def meta_transformer(cfg: TrainConfig) -> nn.Module:
+    """``model.pretrained``'s architecture on PyTorch's ``meta`` device: no storage, no weight read (the processes
+    of a sharded run other than process 0 build their models so; process 0 loads the weights and broadcasts them,
+    :mod:`.parallel`)."""
+    from .plan import _meta_model, transformer_config
+
+    family, config = transformer_config(cfg)
+    return _meta_model(family, config, torch.float32).train()
 
 
 def _pair_side(cfg: TrainConfig) -> str:
@@ -709,8 +737,11 @@ def _pair_side(cfg: TrainConfig) -> str:
     return "high" if cfg.stage == STAGE_SEMANTIC else "low"
 
 
-def build_student(cfg: TrainConfig, *, pretrained: nn.Module | Pretrained | None = None) -> nn.Module:
-    """The stage's student (trainable parameters marked) — also used by export to rebuild it.
+def build_student(
+    cfg: TrainConfig, *, pretrained: nn.Module | Pretrained | None = None, on_meta: bool = False
+) -> nn.Module:
+    """The stage's student (trainable parameters marked) — also used by export to rebuild it. ``on_meta``: built
+    from ``pretrained``'s (meta) architecture, nothing read (the semantic expert has the same architecture).
 
     Two-transformer base (Wan2.2 A14B): the semantic student is the high-noise ``transformer/``, the detail student
     the stock low-noise ``transformer_2/`` + the detail expert (``model.semantic_expert`` does not apply).
@@ -748,7 +779,9 @@ def build_student(cfg: TrainConfig, *, pretrained: nn.Module | Pretrained | None
             student.requires_grad_(True)
         return student.train()
     # detail stage
-    if m.semantic_expert:
+    if on_meta:
+        student = copy.deepcopy(pretrained)  # (meta tensors: no storage)
+    elif m.semantic_expert:
         student = load_transformer(
             m.semantic_expert, config_path=m.transformer_config, tiny_config=m.tiny_config, tiny_seed=m.tiny_seed
         )
@@ -799,8 +832,12 @@ def pair_sides(cfg: TrainConfig, boundary_timestep: float) -> tuple[str, ...]:
     return ("high", "low") if high else ("low",)
 
 
-def build_models(cfg: TrainConfig) -> StageModels:
+def build_models(cfg: TrainConfig, *, on_meta: bool = False) -> StageModels:
     """Load the pretrained model once and build the stage's student and teacher (dcm-method.md §5.1, §6.1).
+
+    ``on_meta``: the same modules on PyTorch's ``meta`` device (no storage, no weight read) — for the processes
+    of an FSDP run that receive their weights from process 0 (:meth:`.parallel.FSDP2.build_models`); a
+    two-transformer base is loaded in full (not built on ``meta``).
 
     Two-transformer bases: ``schedule.k0`` / ``schedule.boundary_timestep`` default to the model's own boundary
     (:func:`dcm_core.train.solver.boundary_k0`) and are written into ``cfg``.
@@ -822,6 +859,9 @@ def build_models(cfg: TrainConfig) -> StageModels:
             "two-transformer base %s (boundary %g): the %s stage trains the %s-noise transformer, k0 = %d",
             pre.base.id if pre.base else "?", b, cfg.stage, side, cfg.schedule.k0,
         )  # fmt: skip
+    elif on_meta:
+        meta = meta_transformer(cfg)
+        pre = Pretrained(meta, None, None, base_of(meta), pretrained_latent_format(m))
     else:
         pre = load_pretrained(m)
     pretrained = pre.any
@@ -846,9 +886,12 @@ def build_models(cfg: TrainConfig) -> StageModels:
         student = build_student(cfg, pretrained=pretrained)
         expert = STAGE_SEMANTIC
     else:
-        student = build_student(cfg, pretrained=pretrained)
+        student = build_student(cfg, pretrained=pretrained, on_meta=on_meta)
         teacher = cast_frozen(freeze(pretrained), tdtype)
         expert = STAGE_DETAIL
+    if cfg.stage == STAGE_DETAIL:
+        # the frozen base in bf16 is an explicit opt-in (model.detail_base_dtype): it moves the loss slightly
+        cast_frozen_params(student, DTYPES[m.detail_base_dtype])
     if family_of_model(student) != family:
         raise DCMConfigError(f"the semantic expert is a {family_of_model(student)} model but the teacher is {family}.")
     if cfg.stage == STAGE_DETAIL and DETAIL_ADAPTER not in (student.peft_config or {}):

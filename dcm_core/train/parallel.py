@@ -4,8 +4,13 @@
   holds the whole student; checkpoints are written by process 0.
 * :class:`FSDP2` — ``accelerate launch --use_fsdp``: the student sharded with torch's ``fully_shard``
   (:mod:`.fsdp`), the discriminator replicated (DDP, the official ``NO_SHARD``), the teacher replicated.
-  Sharded tensors are gathered one at a time for a checkpoint (written by process 0, the same files as a
-  replicated run) and every process reads only its own rows on resume.
+  Checkpoints are sharded (``torch.distributed.checkpoint``: every process writes its own rows of the
+  trainable weights, EMA and optimizer moments, nothing is gathered; :mod:`.checkpoint`), and every
+  process reads only its own rows on resume — from a sharded checkpoint of any process count or from an
+  unsharded one.
+
+Either strategy resumes from either format (a run may change its process count: 2 → 1 and 1 → 2 are
+tested); a sharded checkpoint read without FSDP is read whole.
 
 Both implement the same operations, in the order the trainer uses them: :meth:`shard` (before the
 optimisers exist), :meth:`prepare`, :meth:`no_sync`, :meth:`save_state` / :meth:`load_state` (trainable
@@ -80,8 +85,17 @@ class Replicated:
     def is_main(self) -> bool:
         return self.acc.is_main_process
 
-    def shard(self, student: nn.Module, family: str) -> None:
-        """Shard the student in place before the optimisers are built (nothing to do here)."""
+    def build_models(self, cfg: Any) -> Any:
+        """The stage's models (:func:`.models.build_models`): every process loads them."""
+        from .models import build_models
+
+        return build_models(cfg)
+
+    def shard(self, student: nn.Module, family: str, *, teacher: nn.Module | None = None) -> None:
+        """Shard the student (and ``teacher``: ``parallel.shard_teacher``) in place before the optimisers are built
+        (nothing to do here)."""
+        if teacher is not None:
+            log.warning("parallel.shard_teacher is set but the run is not sharded (launch with --use_fsdp): the teacher stays whole.")
 
     def prepare(
         self, student: nn.Module, optimizer: torch.optim.Optimizer, disc: nn.Module | None, d_optimizer: torch.optim.Optimizer | None
@@ -110,23 +124,38 @@ class Replicated:
         writer.json("optimizer.json", m)
 
     def load_state(self, path: Path, trainable: Named, ema: Any, optimizer: torch.optim.Optimizer) -> None:
-        tensors = ck.load_tensors(path / "trainable.safetensors")
+        if ck.is_sharded(path):  # written under FSDP2: read whole (this process alone)
+            files = ck.sharded_as_files(path)
+            load = files.get
+        else:
+            files = {}
+
+            def load(name: str) -> dict[str, torch.Tensor]:
+                return ck.load_tensors(path / name)
+
+        tensors = load("trainable.safetensors") or {}
         _check_names(path, set(tensors), trainable)
         with torch.no_grad():
             for n, p in trainable:
                 p.copy_(tensors[n].to(p.device, p.dtype))
         if ema is not None:
-            shadow = ck.load_tensors(path / "ema.safetensors")
+            shadow = load("ema.safetensors")
+            if shadow is None:
+                raise DCMCheckpointError(f"checkpoint {path} holds no EMA weights but optim.use_ema is on.")
             ema.shadow = {n: shadow[n].to(self.acc.device) for n in ema.shadow}
-        opt_sd = ck.optimizer_from_flat(ck.load_tensors(path / "optimizer.safetensors"), ck.load_json(path / "optimizer.json"))
+        opt_sd = ck.optimizer_from_flat(load("optimizer.safetensors") or {}, ck.load_json(path / "optimizer.json"))
         optimizer.load_state_dict(opt_sd)
+        del files
 
     # ---------------------------------------------------------------- export
 
     def export(self, trainer: Any) -> dict[str, str]:
         """The export at the end of training (process 0): from the live student."""
-        from .export import export_model
+        from .export import export_model, export_run
 
+        if trainer.cfg.model.detail_base_dtype != "fp32" and trainer.cfg.stage == "detail":
+            # the live student's frozen base is held in bf16: export the fp32 weights, rebuilt from the checkpoint
+            return export_run(trainer.run_dir, checkpoint=_str(trainer.last_checkpoint))
         return export_model(trainer.cfg, trainer.student_unwrapped, trainer.run_dir / "export", step=trainer.global_step)
 
 
@@ -142,9 +171,41 @@ class FSDP2(Replicated):
         super().__init__(accelerator)
         self.settings = settings
         self.activation_checkpointing = settings.activation_checkpointing
+        self.student: nn.Module | None = None
 
-    def shard(self, student: nn.Module, family: str) -> None:
-        fs.shard_model(student, family, self.acc.device, self.acc.num_processes, self.settings.reshard_after_forward)
+    def build_models(self, cfg: Any) -> Any:
+        """Process 0 loads the models as one process would; the others build them on the ``meta`` device (no
+        storage, no weight read) and receive the weights from process 0 once sharded (:meth:`shard`): no process
+        but 0 ever holds a full fp32 copy. Process 0's torch RNG state after the build is given to every process,
+        so what is drawn next (discriminator initialisation, …) is the same as if each had loaded the models."""
+        from .models import build_models
+
+        models = build_models(cfg, on_meta=not self.is_main)
+        state = torch.get_rng_state()
+        torch.distributed.broadcast(state, src=0)
+        torch.set_rng_state(state)
+        self._models = models
+        # process 0: the full tensors (references, no copy) kept until every process has its share (shard())
+        self._full = {}
+        if self.is_main:
+            self._full = {"student": dict(models.student.state_dict())}
+            if models.teacher is not None:
+                self._full["teacher"] = dict(models.teacher.state_dict())
+        return models
+
+    def shard(self, student: nn.Module, family: str, *, teacher: nn.Module | None = None) -> None:
+        n, dev, raf = self.acc.num_processes, self.acc.device, self.settings.reshard_after_forward
+        fs.shard_model(student, family, dev, n, raf, fs.mixed_precision_policy(self.acc.mixed_precision), what="student: ")
+        self.student = student
+        if teacher is not None:  # frozen: gathered in its storage dtype (no policy), resharded after every forward
+            fs.shard_model(teacher, family, dev, n, True, None, root=False, what="teacher: ")
+        # weights from process 0 (each process keeps its rows of the sharded tensors, the whole replicated ones)
+        models = getattr(self, "_models", None)
+        if models is not None:
+            fs.load_from_main(student, self._full.get("student"), dev)
+            if models.teacher is not None:
+                fs.load_from_main(models.teacher, self._full.get("teacher"), dev)
+            self._full = {}
 
     def prepare(
         self, student: nn.Module, optimizer: torch.optim.Optimizer, disc: nn.Module | None, d_optimizer: torch.optim.Optimizer | None
@@ -171,35 +232,63 @@ class FSDP2(Replicated):
         return contextlib.nullcontext()
 
     def save_state(self, writer: ck.CheckpointWriter, trainable: Named, ema: Any, optimizer: torch.optim.Optimizer) -> None:
-        # sharded tensors are gathered one at a time by every process (a collective), kept on process 0 only: the
-        # files are the same as a replicated run's
-        main = self.is_main
+        """Every process writes its own rows (DCP, ``sharded/``); nothing is gathered. Process 0 adds
+        ``optimizer.json`` (param groups, scalars, the position → name table)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        def gathered(named: Any) -> dict[str, torch.Tensor]:
-            out = {}
-            for n, t in named:
-                full = fs.full_tensor(t.detach())
-                if main:
-                    out[n] = full.float().cpu()
-            return out
-
-        weights = gathered(trainable)
-        if main:
-            writer.tensors("trainable.safetensors", weights)
-        del weights
+        msd, osd = get_state_dict(self.student, optimizer, options=_OPTIONS())
+        _check_names(writer.final, set(msd), trainable)
+        names = [n for n, _ in trainable]
+        position = {n: i for i, n in enumerate(names)}
+        flat = {f"trainable.{n}": msd[n] for n in names}
         if ema is not None:
-            shadow = gathered(ema.shadow.items())
-            if main:
-                writer.tensors("ema.safetensors", shadow)
-            del shadow
-        opt_sd = fs.full_optimizer_state(optimizer, [p for _, p in trainable], main)
-        if main:
-            t, m = ck.optimizer_to_flat(opt_sd)
-            writer.tensors("optimizer.safetensors", t)
-            writer.json("optimizer.json", m)
+            flat.update({f"ema.{n}": t for n, t in ema.shadow.items()})
+        by_position = {
+            "state": {position[f]: st for f, st in osd["state"].items()},
+            "param_groups": [dict(g, params=[position[f] for f in g["params"]]) for g in osd["param_groups"]],
+        }
+        opt_t, opt_m = ck.optimizer_to_flat(by_position)
+        for key, t in opt_t.items():
+            _, pid, state = key.split(".", 2)
+            flat[f"optimizer.{names[int(pid)]}.{state}"] = t
+        writer.sharded(flat)
+        if self.is_main:
+            writer.json("optimizer.json", {**opt_m, "param_names": names})
 
     def load_state(self, path: Path, trainable: Named, ema: Any, optimizer: torch.optim.Optimizer) -> None:
-        # every process reads only its own rows of each tensor
+        if not ck.is_sharded(path):
+            return self._load_unsharded(path, trainable, ema, optimizer)
+        # a sharded checkpoint of any process count: DCP reads this process's rows into the sharded tensors
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        meta = ck.load_json(path / "optimizer.json")
+        names = [n for n, _ in trainable]
+        _check_names(path, set(meta.get("param_names", [])), trainable)
+        msd, osd = get_state_dict(self.student, optimizer, options=_OPTIONS())  # (initialises the moments)
+        targets = {f"trainable.{n}": msd[n] for n in names}
+        if ema is not None:
+            targets.update({f"ema.{n}": t for n, t in ema.shadow.items()})
+        for f, st in osd["state"].items():
+            targets.update({f"optimizer.{f}.{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
+        ck.load_sharded(path, targets, this_process_only=False)
+        position = {n: i for i, n in enumerate(meta["param_names"])}
+        opt_t = {
+            f"state.{position[f]}.{k}": targets[f"optimizer.{f}.{k}"]
+            for f, st in osd["state"].items() for k, v in st.items() if isinstance(v, torch.Tensor)
+        }
+        by_position = ck.optimizer_from_flat(opt_t, meta)
+        order = meta["param_names"]
+        optim_sd = {
+            "state": {order[i]: st for i, st in by_position["state"].items()},
+            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in by_position["param_groups"]],
+        }
+        set_state_dict(
+            self.student, optimizer, model_state_dict={n: targets[f"trainable.{n}"] for n in names},
+            optim_state_dict=optim_sd, options=_OPTIONS(strict=False),
+        )
+
+    def _load_unsharded(self, path: Path, trainable: Named, ema: Any, optimizer: torch.optim.Optimizer) -> None:
+        """An unsharded checkpoint (one process / DDP): every process reads only its own rows of each tensor."""
         reader = fs.ShardedReader(path / "trainable.safetensors")
         _check_names(path, set(reader.keys()), trainable)
         with torch.no_grad():
@@ -218,9 +307,19 @@ class FSDP2(Replicated):
         ``python -m dcm_core export RUN_DIR`` does — the same files as a replicated run writes."""
         from .export import export_run
 
-        if trainer.last_checkpoint is None:
-            raise DCMCheckpointError("internal: no final checkpoint to export from under FSDP.")
-        return export_run(trainer.run_dir, checkpoint=str(trainer.last_checkpoint))
+        # (a run resumed at its last step saved nothing: its newest checkpoint is the final one)
+        return export_run(trainer.run_dir, checkpoint=_str(trainer.last_checkpoint))
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _OPTIONS(**kw: Any) -> Any:
+    """``StateDictOptions`` of the trainable state: frozen parameters (teacher base, detail base) are never saved."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kw)
 
 
 def _check_names(path: Path, saved: set[str], trainable: Named) -> None:

@@ -5,9 +5,14 @@ Nothing is read from the model's weight files; everything is counted:
 * **parameters** — the stage's student (detail: + LoRA ``lora1`` and the ``*_lora`` copies) and teacher
   are built from the transformer's ``config.json`` on PyTorch's ``meta`` device (no storage); their
   exact element counts and storage dtypes give the weights, gradients (fp32, trainable only), AdamW
-  moments (2 × fp32), EMA, teacher. Under FSDP (``--num-gpus`` > 1, ``--sharding fsdp``) the student's
-  share is divided by the process count and the largest block unit is gathered in fp32 twice (current +
-  prefetched) plus the root unit. DDP adds one fp32 gradient-bucket copy of the trainable parameters.
+  moments (2 × fp32), EMA, teacher (``model.detail_base_dtype = "bf16"``: the detail student's frozen
+  base in bf16). Under FSDP (``--num-gpus`` > 1, ``--sharding fsdp``) the student's share is divided by
+  the process count and the largest block unit is gathered twice (current + prefetched) plus the root
+  unit — in bf16 under ``mixed_precision = "bf16"`` (FSDP2 ``MixedPrecisionPolicy``), else fp32. With
+  ``parallel.shard_teacher`` the teacher's blocks are divided by the process count too (embedders and
+  head whole) plus two gathered teacher blocks in their storage dtype. DDP adds one fp32 gradient-bucket
+  copy of the trainable parameters. Checkpoints under FSDP are sharded (every process writes its own
+  rows): they add nothing on any process.
 * **activations** — the bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``,
   each storage once) in one forward of the family's transformer with 1 and 2 blocks of the REAL width
   (HunyuanVideo: double and single blocks separately) on the CPU, with uninitialised weights
@@ -302,7 +307,7 @@ def make_plan(
     """The plan of ``cfg`` (unresolved is fine) on ``num_gpus`` processes."""
     from ..modeling import add_detail_expert
     from .discriminator import DEFAULT_INNER_CHANNELS
-    from .models import DTYPES, SEMANTIC_ADAPTER, _dtype_of
+    from .models import DTYPES, SEMANTIC_ADAPTER, _dtype_of, cast_frozen_params
 
     runtime = _runtime_rss() if device == "cpu" else GPU_OVERHEAD  # before anything below allocates
     family, config = transformer_config(cfg)
@@ -322,6 +327,7 @@ def make_plan(
     if detail:
         student.requires_grad_(False)
         add_detail_expert(student, rank=m.lora_rank, alpha=m.lora_alpha)
+        cast_frozen_params(student, DTYPES[m.detail_base_dtype])
     elif m.semantic_lora:
         from ..modeling import lora_config
 
@@ -352,19 +358,32 @@ def make_plan(
         f"{f', sequence parallel {sp} ({local:,} tokens per process)' if sp > 1 else ''}:"
     )
     plan = Plan(title, budget=gpu_memory_gb * GiB if gpu_memory_gb else None, trainable=n_train, tokens=tokens)
-    plan.add("student weights (fp32)", student_bytes / shards, "sharded" if shards > 1 else "")
+    plan.add("student weights (fp32)" if not detail or m.detail_base_dtype == "fp32" else "student weights (frozen base bf16)",
+             student_bytes / shards, "sharded" if shards > 1 else "")
     plan.add("gradients (fp32, trainable)", n_train * 4 / shards * (2 if num_gpus > 1 and not fsdp else 1),
              "+ DDP bucket copy" if num_gpus > 1 and not fsdp else "")
     plan.add("AdamW moments (2 x fp32)", n_train * 8 / shards)
     if cfg.optim.use_ema:
         plan.add("EMA (fp32)", n_train * 4 / shards)
-    if teacher_bytes:
-        plan.add(f"teacher ({str(tdtype).replace('torch.', '')}, replicated)", teacher_bytes)
-    if fsdp and num_gpus > 1:
+    sharded_run = fsdp and num_gpus > 1
+    tname = str(tdtype).replace("torch.", "")
+    if teacher_bytes and sharded_run and cfg.parallel.shard_teacher:
         from .fsdp import block_units
 
-        units = [_nbytes(u.parameters()) for _, u in block_units(student, family)]
-        plan.add("FSDP all-gather buffers", 2 * max(units) + (student_bytes - sum(units)), "2 blocks + root unit, fp32")
+        t_units = [_nbytes(u.parameters()) for _, u in block_units(_meta_model(family, config, tdtype), family)]
+        plan.add(f"teacher ({tname}, blocks sharded)", sum(t_units) / shards + (teacher_bytes - sum(t_units)),
+                 "parallel.shard_teacher; embedders and head whole")
+        plan.add("teacher all-gather buffers", 2 * max(t_units), f"2 blocks, {tname}")
+    elif teacher_bytes:
+        plan.add(f"teacher ({tname}, replicated)", teacher_bytes)
+    if sharded_run:
+        from .fsdp import block_units
+
+        gathered = 2 if bf16 else 4  # MixedPrecisionPolicy(param_dtype=bf16) under mixed_precision = bf16
+        units = [sum(p.numel() for p in u.parameters()) for _, u in block_units(student, family)]
+        root = sum(p.numel() for p in student.parameters()) - sum(units)
+        plan.add("FSDP all-gather buffers", (2 * max(units) + root) * gathered,
+                 f"2 blocks + root unit, {'bf16' if bf16 else 'fp32'}")
     # activations of one optimiser micro-step
     act = activations(family, config, latent, text, act_dtype)
     ck = m.gradient_checkpointing

@@ -58,7 +58,6 @@ from .models import (
     Conditioning,
     StageModels,
     adapters_disabled,
-    build_models,
     call_velocity,
     clean_first_frame,
     noisy_frames,
@@ -193,7 +192,7 @@ class DCMTrainer:
             raise DCMConfigError("data.path is empty. Point it at a dataset folder written by `python -m dcm_core preprocess`.")
         self.dataset = LatentDataset(cfg.data.path, cfg.data.num_latent_t)
         self._seed_everything(cfg.seed)
-        self.models: StageModels = build_models(cfg)
+        self.models: StageModels = self.strategy.build_models(cfg)
         if self.strategy.activation_checkpointing and not cfg.model.gradient_checkpointing:
             log.info("FSDP activation checkpointing: per-block gradient checkpointing of the student and teacher is on.")
             self.models.enable_gradient_checkpointing()
@@ -332,7 +331,7 @@ class DCMTrainer:
 
     def _build_optimisers(self) -> None:
         cfg = self.cfg
-        self.strategy.shard(self.models.student, self.family)
+        self.strategy.shard(self.models.student, self.family, teacher=self.models.teacher if cfg.parallel.shard_teacher else None)
         self.trainable = self.models.trainable()
         if not self.trainable:
             raise DCMConfigError("no trainable parameters: check model.semantic_lora / the detail expert setup.")

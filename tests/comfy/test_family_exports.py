@@ -63,9 +63,9 @@ def _cond(seed: int) -> dict:
 
 def test_trained_a14b_pair_loads_with_stock_loaders_and_samples(comfy, tmp_path):
     assert getattr(comfy, "pack_loaded", False), "the DCM pack did not load into ComfyUI"
-    import nodes
     from safetensors.torch import load_file, save_file
 
+    import nodes
     from dcm_core.formats import diffusers_to_comfy, read_header
     from dcm_core.tiny import save_tiny_model_folder
 

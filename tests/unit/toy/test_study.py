@@ -73,3 +73,55 @@ def test_conditioning_sensitivity_sees_a_deaf_text_path(tiny_model):
     assert all(v == 0 for v in res["0.8"].values())
     assert study._swap("red circle moving right", "motion") == "red circle moving up"
     assert study._swap("magenta diamond shrinking", "shape") == "magenta circle shrinking"
+
+
+def test_word_separation_sees_a_collapsed_text_embedder(tiny_model):
+    import copy
+
+    fresh = study.word_separation(tiny_model, world_v2)
+    assert set(fresh) == {"colour", "shape", "direction"}
+    assert all(g["max_cosine"] < 0.9 for g in fresh.values())  # a random projection keeps the words apart
+    collapsed = copy.deepcopy(tiny_model)
+    lin = collapsed.condition_embedder.text_embedder.linear_1
+    with torch.no_grad():  # the words no longer reach the output: every word lands on the same vector
+        lin.weight.zero_()
+        lin.bias.normal_()
+    res = study.word_separation(collapsed, world_v2)
+    assert all(g["max_cosine"] > 0.999 for g in res.values())
+
+
+def test_word_value_colour_and_motion_are_worth_more_than_shape_at_high_noise():
+    res = study.word_value(world_v2, per_prompt=16, tests_per_prompt=3, sigmas=(0.98,),
+                           prompts=("red circle moving right",))
+    g = res["by_sigma"]["0.98"]
+    assert g["colour"]["gain"] > 0 and g["motion"]["gain"] > 0
+    assert g["shape"]["gain"] < 0.5 * min(g["colour"]["gain"], g["motion"]["gain"])
+    assert res["tests"] == 3
+
+
+def test_cli_word_value_needs_no_teacher(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(study, "WORD_VALUE_CLIPS", 4)
+    monkeypatch.setattr(study, "WORD_VALUE_PROMPTS", ("red circle moving right",))
+    out = tmp_path / "wv.json"
+    assert study.main(["--only", "word-value", "--world", "v2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res) == ["v2"] and set(res["v2"]["by_sigma"]["0.9"]) == {"colour", "shape", "motion"}
+    capsys.readouterr()
+
+
+def test_ridge_r2_finds_position_only_where_it_is():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 6, (400, 3), generator=g).float()
+    mixed = torch.cat([pos @ torch.randn(3, 8, generator=g), torch.randn(400, 8, generator=g)], 1)
+    r2 = study.ridge_r2(mixed[:300], pos[:300], mixed[300:], pos[300:])
+    assert min(r2) > 0.99
+    r2 = study.ridge_r2(torch.randn(400, 16, generator=g)[:300], pos[:300], torch.randn(100, 16, generator=g), pos[300:])
+    assert max(r2) < 0.1
+
+
+def test_position_probe_reports_every_block(tiny_model):
+    res = study.position_probe(tiny_model, world_v2, sigmas=(0.98,), n_train=2, n_test=1)
+    assert set(res["0.98"]) == {"input", "block0"}
+    assert set(res["0.98"]["input"]) == {"frame", "row", "column"}
+    assert res["0.98"]["input"]["frame"] < 0.2  # pure noise in, a patch embedding out: no position
+    assert not tiny_model._forward_hooks and not tiny_model.blocks[0]._forward_hooks  # hooks removed

@@ -52,7 +52,8 @@ def test_eval_scores_are_written_and_cfg_sampling_runs(tmp_path):
     TR.train(_cfg(steps=2, eval_every=2, eval_steps=2), tmp_path / "e", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "e" / "eval.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["samples"] == len(TR.EVAL_PROMPTS)
-    assert {"all_ok", "motion_error_px", "hf_energy", "warp_error", "listens_shape", "listens_motion"} <= set(rows[-1])
+    assert {"all_ok", "motion_error_px", "hf_energy", "warp_error", "listens_shape", "listens_motion",
+            "word_cosine_shape", "word_cosine_direction"} <= set(rows[-1])
     model = TR.build_model(_cfg()).eval()
     noise = torch.randn(1, 16, 6, 12, 12)
     ctx = torch.randn(1, 8, 4096) * 0.05
@@ -78,3 +79,17 @@ def test_build_cli_v2_teacher_only(tmp_path, capsys):
     assert build.main(argv) == 2  # exists: needs --resume
     assert "--resume" in capsys.readouterr().err
     assert build.main(argv + ["--resume"]) == 0  # already complete: re-exports, no more steps
+
+
+def test_train_sigmas_put_a_share_of_the_batch_in_the_high_noise_band():
+    import numpy as np
+
+    from dcm_core.schedule import flow_shift
+
+    s = TR.train_sigmas(TR.RunConfig(band_frac=0.5, band_min=0.75), np.random.default_rng(0), 20000).numpy()
+    assert s.min() >= 0 and s.max() <= 1
+    plain = flow_shift(np.random.default_rng(1).random(20000), 3.0)
+    in_band, plain_in_band = (s >= 0.75).mean(), (plain >= 0.75).mean()
+    assert in_band == pytest.approx(0.5 + 0.5 * plain_in_band, abs=0.02)  # the band share plus the grid's own
+    none = TR.train_sigmas(TR.RunConfig(band_frac=0.0), np.random.default_rng(2), 1000).numpy()
+    assert np.allclose(none, flow_shift(np.random.default_rng(2).random(1000), 3.0), atol=1e-6)

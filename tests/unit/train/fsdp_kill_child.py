@@ -33,7 +33,8 @@ def arm(spec: str) -> None:
             if self.step == step:
                 written["n"] += 1
                 if written["n"] == k:
-                    sys.stderr.flush()
+                    print(f"fsdp_kill_child: SIGKILL of process 0 after file {k} ({a[0] if a else ''}) of checkpoint {step}",
+                          file=sys.stderr, flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
             return out
 

@@ -123,3 +123,28 @@ def test_write_errors_become_a_dcm_write_error_naming_the_folder(tmp_path, th, m
     after = {p.relative_to(run / "export"): p.read_bytes() for p in (run / "export").rglob("*") if p.is_file()}
     assert after == before
     assert not [p for p in run.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_semantic_lora_export_from_the_checkpoint_merges_without_a_copy(tmp_path, th, monkeypatch):
+    """`python -m dcm_core export` of a semantic-LoRA run merges the LoRA into the student it rebuilt (no deep copy
+    of the model: one fp32 copy in memory) and writes the same file as the end-of-training export (which merges a
+    copy of the live student)."""
+    import copy
+
+    from dcm_core.train import models as train_models
+
+    data = th.make_dataset(tmp_path / "data", "wan", n=2)
+    run = tmp_path / "run"
+    res = DCMTrainer(th.tiny_config("wan", "semantic", data, run, max_train_steps=1, model__semantic_lora="true",
+                                    model__semantic_lora_rank=4, optim__lr=1e-3)).train()
+    deep = copy.deepcopy
+
+    def no_model_copies(obj, *a, **k):
+        assert not isinstance(obj, torch.nn.Module), "export deep-copied the model"
+        return deep(obj, *a, **k)
+
+    monkeypatch.setattr(train_models.copy, "deepcopy", no_model_copies)
+    again = export_run(run, out_dir=tmp_path / "again")
+    a, b = load_file(res.exported["transformer"]), load_file(again["transformer"])
+    assert not any("lora" in k for k in b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

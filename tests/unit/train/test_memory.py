@@ -109,3 +109,42 @@ def test_frozen_copy_equals_deepcopy_then_cast():
             assert b[k].data_ptr() != model.state_dict()[k].data_ptr(), f"{k} shares storage with the student"
         assert not any(p.requires_grad for p in got.parameters()) and not got.training
     assert got.proj_out.weight.dtype == torch.float32 and frozen_copy(model, torch.bfloat16).proj_out.weight.dtype == torch.bfloat16
+
+
+def test_detail_base_in_bf16_is_an_explicit_opt_in(tmp_path, th):
+    """model.detail_base_dtype: fp32 by default even under mixed_precision=bf16 (the teacher is bf16 there);
+    'bf16' holds the student's frozen base in bf16 (LoRA, *_lora and diffusers' fp32 modules stay fp32), trains,
+    and the export still writes the fp32 base (rebuilt from the checkpoint); 'bf16' without mixed precision is
+    refused by name."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from dcm_core.errors import DCMConfigError
+    from dcm_core.train.models import load_transformer
+
+    data = th.make_dataset(tmp_path / "data", "wan", n=2)
+    common = dict(mixed_precision="bf16", max_train_steps=1, data__caption_dropout=0)
+    default = DCMTrainer(th.tiny_config("wan", "detail", data, tmp_path / "a", export__at_end="false", **common))
+    s = default.student_unwrapped
+    assert s.blocks[0].attn1.to_q.base_layer.weight.dtype == torch.float32
+    assert default.models.teacher.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16  # teacher_dtype auto
+    logs_fp32 = default.train_step()
+
+    tr = DCMTrainer(th.tiny_config("wan", "detail", data, tmp_path / "b", model__detail_base_dtype="bf16", **common))
+    s = tr.student_unwrapped
+    frozen = {n: p.dtype for n, p in s.named_parameters() if not p.requires_grad}
+    assert frozen["blocks.0.attn1.to_q.base_layer.weight"] == torch.bfloat16
+    assert frozen["blocks.0.scale_shift_table"] == torch.float32  # diffusers' _keep_in_fp32_modules
+    assert all(p.dtype == torch.float32 for _, p in tr.trainable)  # LoRA + *_lora: fp32 masters
+    bytes_of = lambda m: sum(p.numel() * p.element_size() for p in m.parameters() if not p.requires_grad)  # noqa: E731
+    assert bytes_of(s) < 0.55 * bytes_of(default.student_unwrapped)
+    res = tr.train()
+    rel = abs(res.history[0]["loss"] - logs_fp32["loss"]) / abs(logs_fp32["loss"])
+    print(f"detail loss with the frozen base in bf16 vs fp32: relative difference {rel:.2e}")
+    assert 0 < rel < 2e-2
+    exported = load_file(res.exported["transformer"])
+    base = load_transformer("tiny:wan", tiny_config={"dim": 128, "num_layers": 2, "ffn_dim": 256}).state_dict()
+    w = exported["blocks.0.attn1.to_q.base_layer.weight"]
+    assert w.dtype == torch.float32 and torch.equal(w, base["blocks.0.attn1.to_q.weight"])
+    with pytest.raises(DCMConfigError, match="model.detail_base_dtype"):
+        th.tiny_config("wan", "detail", data, tmp_path / "c", model__detail_base_dtype="bf16").resolved("wan")

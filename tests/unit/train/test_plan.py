@@ -53,3 +53,32 @@ def test_cli_prints_the_plan_and_the_verdict(tmp_path, th):
         assert "FSDP2" in p.stdout and "student activations" in p.stdout and verdict in p.stdout, p.stdout
     assert not (tmp_path / "run").exists(), "--plan must not start a run"
     assert GiB == 2**30
+
+
+def test_plan_follows_bf16_gathers_sharded_teacher_and_bf16_base(tmp_path, th):
+    """What changed in the trainer shows in the plan: bf16 all-gathers under mixed_precision = bf16 (half the fp32
+    buffers), parallel.shard_teacher (teacher blocks / N plus two gathered blocks), model.detail_base_dtype = bf16
+    (the student's frozen base at 2 bytes), each equal to the counts of the built modules."""
+    from dcm_core.train.models import build_models
+
+    data = th.make_dataset(tmp_path / "data", "wan")
+    tiny = "{dim = 256, num_layers = 4, ffn_dim = 512}"
+
+    def items(**kw):
+        cfg = th.tiny_config("wan", "detail", data, tmp_path / "run", model__tiny_config=tiny, **kw)
+        return {n: b for n, b, _ in make_plan(cfg, num_gpus=4, video=(81, 480, 832)).items}, cfg
+
+    fp32, _ = items()
+    bf16, cfg = items(mixed_precision="bf16")
+    assert bf16["FSDP all-gather buffers"] * 2 == fp32["FSDP all-gather buffers"]
+    whole = bf16["teacher (bfloat16, replicated)"]
+    sharded, _ = items(mixed_precision="bf16", parallel__shard_teacher="true")
+    models = build_models(cfg.resolved("wan"))
+    blocks = sum(p.numel() * p.element_size() for p in models.teacher.blocks.parameters())
+    assert whole == sum(p.numel() * p.element_size() for p in models.teacher.parameters())
+    assert sharded["teacher (bfloat16, blocks sharded)"] == whole - blocks + blocks / 4
+    assert sharded["teacher all-gather buffers"] == 2 * blocks / 4  # two of the 4 equal blocks
+    base, cfg_b = items(mixed_precision="bf16", model__detail_base_dtype="bf16")
+    student = build_models(cfg_b.resolved("wan")).student
+    assert base["student weights (frozen base bf16)"] * 4 == sum(p.numel() * p.element_size() for p in student.parameters())
+    assert base["student weights (frozen base bf16)"] < 0.7 * bf16["student weights (fp32)"]  # (tiny: fp32 LoRA, *_lora)
