@@ -50,6 +50,15 @@ def _ckpt(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"checkpoint-{step:08d}"
 
 
+def _weights(ckpt: Path, name: str) -> dict:
+    """A checkpoint's tensors: ``name`` (safetensors), or under FSDP the trainable weights from the DCP shards."""
+    from dcm_core.train import checkpoint as ck
+
+    if name == "trainable.safetensors" and ck.is_sharded(ckpt):
+        return {k[len("trainable."):]: t for k, t in ck.read_sharded(ckpt, "trainable.").items()}
+    return load_file(str(ckpt / name))
+
+
 LAUNCH = {
     "ddp": ["--multi_gpu"],
     "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true"],
@@ -110,8 +119,8 @@ def test_two_processes_sequence_parallel_equal_one_process(stage, launch, tmp_pa
 
     names = ["trainable.safetensors"] + (["discriminator.safetensors"] if stage == "detail" else [])
     for name in names:
-        w1, w2 = load_file(str(_ckpt(one, STEPS) / name)), load_file(str(_ckpt(two, STEPS) / name))
-        first = load_file(str(_ckpt(one, 1) / name))
+        w1, w2 = _weights(_ckpt(one, STEPS), name), _weights(_ckpt(two, STEPS), name)
+        first = _weights(_ckpt(one, 1), name)
         assert set(w1) == set(w2)
         diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
         moved = max((w1[k] - first[k]).abs().max().item() for k in w1)
