@@ -144,6 +144,16 @@ LABELS = {
 }
 
 
+def write_report(res: dict, out: str | Path, t0: float, render) -> None:
+    """Stamp the wall time, write ``res`` as JSON to ``out`` and print its table (``render(res)``)."""
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(render(res))
+    print(f"\n(wrote {out}; {res['wall_seconds']} s)")
+
+
 def markdown(res: dict) -> str:
     scheds = res["schedules"]
     head = "| method | " + " | ".join(f"MSE to teacher, {r['schedule'].split(':')[0]} ↓" for r in scheds)
@@ -176,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     kw = {"prompts": EVAL_PROMPTS[:2], "seeds": EVAL_SEEDS[:1]} if a.quick else {}
     res = evaluate(Path(a.weights), Path(a.runs) if a.runs else None, **kw)
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(markdown(res))
-    print(f"\n(wrote {out}; {res['wall_seconds']} s)")
+    write_report(res, a.out, t0, markdown)
     return 0
 
 

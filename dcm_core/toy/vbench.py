@@ -23,7 +23,6 @@ single-expert consistency model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from ..modeling import velocity
 from ..sampler import sample_dcm
 from . import teacher_run as TR
 from . import world_v2
+from .evaluate import write_report
 
 Method = Callable[[torch.Tensor, torch.Tensor, list], torch.Tensor]
 
@@ -206,12 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             methods["single_expert_cm"] = single(M.load_vcm_file(a.single, tdir))
     res = evaluate(teacher, methods, world=world_v2.get_world(a.world), n_pairs=a.pairs,
                    steps=tuple(int(s) for s in a.steps.split(",")), shift=a.shift, cfg_scale=a.cfg)
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(markdown(res))
-    print(f"\n(wrote {out}; {res['wall_seconds']} s)")
+    write_report(res, a.out, t0, markdown)
     return 0
 
 

@@ -869,26 +869,19 @@ def build_models(cfg: TrainConfig, *, on_meta: bool = False) -> StageModels:
     if m.family is not None and m.family != family:
         raise DCMConfigError(f"model.family={m.family!r} but {m.pretrained!r} is a {family} transformer.")
     tdtype = _dtype_of(m.teacher_dtype, cfg.mixed_precision)
-    other = None
+    # the teacher's own transformer (a pair: the side this stage trains) and, for a pair, the other one
+    own, oth, source = pretrained, None, pretrained
     if pre.two_transformers:
         own, oth = (pre.high, pre.low) if side == "high" else (pre.low, pre.high)
-        if cfg.stage == STAGE_SEMANTIC:
-            teacher = None if m.semantic_lora else frozen_copy(own, tdtype)
-            student = build_student(cfg, pretrained=pre)
-            expert = STAGE_SEMANTIC
-        else:
-            student = build_student(cfg, pretrained=pre)
-            teacher = cast_frozen(freeze(own), tdtype)
-            expert = STAGE_DETAIL
-        other = cast_frozen(freeze(oth), tdtype) if oth is not None else None
-    elif cfg.stage == STAGE_SEMANTIC:
-        teacher = None if m.semantic_lora else frozen_copy(pretrained, tdtype)
-        student = build_student(cfg, pretrained=pretrained)
-        expert = STAGE_SEMANTIC
+        source = pre
+    if cfg.stage == STAGE_SEMANTIC:
+        teacher = None if m.semantic_lora else frozen_copy(own, tdtype)
+        student = build_student(cfg, pretrained=source)
     else:
-        student = build_student(cfg, pretrained=pretrained, on_meta=on_meta)
-        teacher = cast_frozen(freeze(pretrained), tdtype)
-        expert = STAGE_DETAIL
+        student = build_student(cfg, pretrained=source, on_meta=on_meta and not pre.two_transformers)
+        teacher = cast_frozen(freeze(own), tdtype)
+    expert = STAGE_SEMANTIC if cfg.stage == STAGE_SEMANTIC else STAGE_DETAIL
+    other = cast_frozen(freeze(oth), tdtype) if oth is not None else None
     if cfg.stage == STAGE_DETAIL:
         # the frozen base in bf16 is an explicit opt-in (model.detail_base_dtype): it moves the loss slightly
         cast_frozen_params(student, DTYPES[m.detail_base_dtype])

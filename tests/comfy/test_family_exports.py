@@ -39,21 +39,12 @@ def _train_helpers():
 
 
 def _train(stage: str, model: Path, data: Path, out: Path, *extra: str):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from dcm_core.train.config import load_config
-    from dcm_core.train.trainer import DCMTrainer
+    from tests.comfy.trainer_runs import train_in_process
 
     overrides = [f"model.pretrained={model}", f"data.path={data}", f"output_dir={out}", "max_train_steps=2",
                  "checkpoint.every_steps=0", f"export.name={NAME}", "export.dtype=fp32", "disc.inner_channels=64",
                  "logging.progress_bar=false", *extra]  # fmt: skip
-    try:
-        tr = DCMTrainer(load_config(None, overrides, stage=stage))
-        res = tr.train()
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return tr, res
+    return train_in_process(stage, overrides)
 
 
 def _cond(seed: int) -> dict:

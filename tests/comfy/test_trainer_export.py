@@ -47,20 +47,11 @@ def _train_helpers():
 
 
 def _train(stage: str, data: Path, out: Path, *extra: str):
-    from accelerate.state import AcceleratorState, GradientState
-
-    from dcm_core.train.config import load_config
-    from dcm_core.train.trainer import DCMTrainer
+    from tests.comfy.trainer_runs import train_in_process
 
     overrides = [f"data.path={data}", f"output_dir={out}", "optim.lr=1e-3", "checkpoint.every_steps=0",
                  f"export.name={NAME}", "export.dtype=fp32", *extra]
-    try:
-        tr = DCMTrainer(load_config(CONFIGS / f"tiny_wan_{stage}.toml", overrides))
-        res = tr.train()
-    finally:  # accelerate keeps a process-wide singleton
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    return tr, res
+    return train_in_process(stage, overrides, CONFIGS / f"tiny_wan_{stage}.toml")
 
 
 def _cond(seed: int) -> dict:
