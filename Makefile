@@ -8,10 +8,9 @@
 #   make soak         a live ComfyUI server under a long seeded queue (≥ 200 prompts, ≥ 50 interrupts, model files
 #                     swapped under it, two websocket clients, RSS per run, bad /prompt requests) → tests/_output/soak/;
 #                     `make test` runs its short form (tests/soak)
-#   make toy-models   retrain the bundled toy teacher and experts from scratch (+ the ablation runs)
-#   make toy-eval     measured quality of the toy experts (needs the ablation runs of toy-models)
-#   make toy-v2-teacher  train (or continue) the world-v2 toy teacher in runs/toy_v2/teacher_run (resumable; issue 12)
-#   make toy-eval-v2  toy VBench on world v2: 64 prompt/seed pairs at 2/4/6 steps against the v2 teacher run
+#   make toy-models   retrain the bundled toy teacher, DCM experts and baselines from scratch (+ the ablations) in
+#                     runs/toy_v2; resumable: a killed build continues from its last checkpoints when re-run
+#   make toy-eval     toy VBench of the bundle + the runs of toy-models: 64 prompt/seed pairs at 2/4/6 steps
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +20,7 @@ export COMFYUI_PATH
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability soak toy-models toy-eval toy-v2-teacher toy-eval-v2 lint clean
+.PHONY: venv test test-unit test-comfy test-browser test-cli demo bench reliability soak toy-models toy-eval lint clean
 
 venv:
 	@PYTHON=$(PYTHON) VENV=$(VENV) tools/bootstrap.sh
@@ -54,16 +53,10 @@ soak: venv
 	DCM_SOAK_FULL=1 $(PY) -m pytest tests/soak -q $(PYTEST_ARGS)
 
 toy-models: venv
-	$(PY) -m dcm_core.toy.build --ablations
+	OMP_NUM_THREADS=1 $(PY) -m dcm_core.toy.build --ablations
 
 toy-eval: venv
-	$(PY) -m dcm_core.toy.evaluate
-
-toy-v2-teacher: venv
-	OMP_NUM_THREADS=1 $(PY) -m dcm_core.toy.build --world v2 --teacher-only --resume
-
-toy-eval-v2: venv
-	OMP_NUM_THREADS=1 $(PY) -m dcm_core.toy.vbench --teacher runs/toy_v2/teacher_run/teacher
+	OMP_NUM_THREADS=1 $(PY) -m dcm_core.toy.evaluate
 
 lint: venv
 	$(PY) -m ruff check .

@@ -28,7 +28,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,24 +199,227 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# ============================================================================= world v2 (the bundled models)
+
+#: The toy's routing boundary on its shift-3 grid: floor(1000·σ) ≤ 810 → detail expert. The semantic expert
+#: takes σ > 0.81 (grid points k ≥ 29 of 50: K0 = 29, its phase ends at σ_prev[29] = 0.8056), where the
+#: prompt's words decide the clip (the ideal denoiser's word value, :func:`dcm_core.toy.study.word_value`, is
+#: spent above σ ≈ 0.75); on the toy grid 6 / 4 / 2 steps split 3 + 3 / 2 + 2 / 1 + 1 like the official lists.
+TOY_BOUNDARY = 810.0
+TOY_K0 = 29
+#: Classifier-free guidance of the v2 teacher (reference samples, plain Euler, and the distillation targets:
+#: the trainer's w = scale − 1). Chosen on a tuning set disjoint from the toy VBench's pairs (see the README).
+TOY_CFG = 3.0
+#: The toy discriminator's learning rate (official 1e-5 for a 1024-channel head on a 1.3B backbone).
+TOY_DISC_LR = 1e-4
+#: The detail-stage run bundled as the DCM experts ("detail": the official recipe with GAN / FM).
+TOY_DETAIL_RUN = "detail"
+
+V2_COMMON = [
+    "mixed_precision=no",
+    "data.caption_dropout=0",
+    "data.batch_size=8",
+    "checkpoint.every_steps=100",
+    "checkpoint.keep=1",
+    "logging.progress_bar=false",
+    "export.dtype=fp32",
+    f"schedule.shift={TR.TOY_SHIFT:g}",
+    f"schedule.boundary_timestep={TOY_BOUNDARY:g}",
+]
+
+
+def v2_stages(semantic_steps: int, detail_steps: int, ablations: bool) -> dict[str, dict]:
+    """The distillation runs of world v2: name → {stage, overrides, after (the run whose export it needs)}.
+
+    Every single-expert baseline gets the budget of both DCM stages together (the paper's Table 1 compares
+    at equal training cost)."""
+    sem = ["optim.lr=1e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20",
+           f"schedule.k0={TOY_K0}"]
+    det = ["optim.lr=2e-5", "optim.lr_scheduler=constant", "optim.use_ema=true", "optim.ema_decay=0.95",
+           "model.lora_rank=32", "model.lora_alpha=64", f"schedule.k0={TOY_K0}"]
+    gan = ["loss.adv_weight=0.1", "disc.inner_channels=64", f"disc.lr={TOY_DISC_LR:g}"]
+    single = ["optim.lr=2e-5", "optim.lr_scheduler=constant", "optim.use_ema=true", "optim.ema_decay=0.95"]
+    both = semantic_steps + detail_steps
+    out = {
+        "semantic": dict(stage="semantic", overrides=sem, steps=semantic_steps),
+        "detail": dict(stage="detail", overrides=det + gan, steps=detail_steps, after="semantic"),
+        # LCM-style: one consistency phase over the whole trajectory
+        "lcm": dict(stage="semantic", overrides=single + ["schedule.k0=0"], steps=both),
+        # PCM-style: one model, four phases (a consistency target at the end of each)
+        "pcm": dict(stage="semantic", overrides=single + ["schedule.k0=0", "schedule.phases=4"], steps=both),
+        # DCM without GAN / feature matching (the detail stage's consistency loss alone)
+        "detail_no_gan": dict(stage="detail", overrides=det + ["loss.adv_weight=0"], steps=detail_steps, after="semantic"),
+    }
+    if ablations:  # DCM without the TC loss (both stages retrained: the semantic expert changes)
+        out["semantic_no_tc"] = dict(stage="semantic", overrides=sem + ["loss.tc_weight=0"], steps=semantic_steps)
+        out["detail_no_tc"] = dict(stage="detail", overrides=det + gan, steps=detail_steps, after="semantic_no_tc")
+    return out
+
+
+def write_dataset_v2(root: Path, clips: int, seed: int) -> Path:
+    """``clips`` world-v2 clips (every prompt in turn, a fresh texture / background / start per clip) in the
+    trainer's latent-dataset format, with the unconditional embedding for the teacher's CFG."""
+    from ..train.data import write_latent_dataset
+    from . import world_v2 as W
+
+    rng = np.random.default_rng(seed)
+    prompts = W.all_prompts()
+    items = []
+    for i in range(clips):
+        p = prompts[i % len(prompts)]
+        clip = W.make_clip(p, int(rng.integers(2**62)))
+        n = len(p.split())
+        items.append({
+            "name": f"clip{i:05d}",
+            "latent": from_model_space(clip.latent[None], FAMILY_WAN)[0],
+            "prompt_embed": W.encode_text(p),
+            "prompt_attention_mask": torch.tensor([1] * n + [0] * (W.TEXT_TOKENS - n)),
+            "caption": p,
+        })
+    uncond = (W.encode_text(""), torch.zeros(W.TEXT_TOKENS, dtype=torch.long))
+    return write_latent_dataset(root, items, uncond=uncond)
+
+
+def _run_stage(name: str, spec: dict, work: Path, base: list[str], exports: dict[str, Path]) -> tuple[list[str], float | None]:
+    """One trainer run through the user's CLI; skipped when its export exists, continued (``--resume latest``)
+    when a killed run left a checkpoint."""
+    out = work / name
+    ov = base + list(spec["overrides"]) + [f"max_train_steps={spec['steps']}"]
+    if spec.get("after"):
+        ov.append(f"model.semantic_expert={exports[spec['after']]}")
+    cmd = ["python", "-m", "dcm_core", "train", "--stage", spec["stage"], f"output_dir={out}", *ov]
+    if (out / "export" / "export_info.json").exists():
+        return cmd, None
+    extra = ["--resume", "latest"] if any((out / "checkpoints").glob("checkpoint-*")) else []
+    log.info("[%s] $ %s", name, " ".join(cmd + extra))
+    t0 = time.time()
+    with open(work / f"{name}.log", "a") as f:
+        subprocess.run([sys.executable, *cmd[1:], *extra], check=True, stdout=f, stderr=subprocess.STDOUT,
+                       cwd=Path(__file__).resolve().parents[2])
+    return cmd, time.time() - t0
+
+
+def build_v2(work: Path, *, cfg: "TR.RunConfig", semantic_steps: int, detail_steps: int, clips: int, seed: int,
+             ablations: bool, bundle: bool, weights_dir: Path, jobs: int = 2, teacher_cfg: float = TOY_CFG,
+             detail_run: str = "detail") -> dict:
+    """``make toy-models``: teacher → dataset → DCM (semantic, detail) + baselines (+ ablations) → bundle.
+
+    Resumable at every level: the teacher run continues from its checkpoint, finished trainer runs are skipped,
+    killed ones continue from theirs. ``jobs`` trainer runs go at once (one torch thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work.mkdir(parents=True, exist_ok=True)
+    times_file = work / "times.json"
+    times: dict[str, float] = json.loads(times_file.read_text()) if times_file.exists() else {}
+    t_all = time.time()
+
+    def done(name: str, seconds: float | None) -> None:
+        if seconds is not None:
+            times[name] = times.get(name, 0.0) + seconds
+            times_file.write_text(json.dumps(times, indent=1))
+
+    run = work / "teacher_run"
+    teacher_dir = run / "teacher"
+    if not (teacher_dir / "config.json").exists():
+        t0 = time.time()
+        TR.train(cfg, run, resume=True)
+        done("teacher", time.time() - t0)
+    data_dir = work / "data"
+    if not (data_dir / "videos2caption.json").exists():
+        t0 = time.time()
+        write_dataset_v2(data_dir, clips, seed)
+        done("dataset", time.time() - t0)
+
+    w = max(0.0, teacher_cfg - 1.0)  # the trainer's CFG w: v_c + w·(v_c − v_u)
+    base = [f"model.pretrained={teacher_dir}", f"data.path={data_dir}", f"seed={seed}", f"guidance.cfg_scale={w:g}",
+            *V2_COMMON]
+    stages = v2_stages(semantic_steps, detail_steps, ablations)
+    exports = {name: work / name / "export" for name in stages}
+    commands: dict[str, list[str]] = {}
+    pending = dict(stages)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures: dict[str, Any] = {}
+        while pending or futures:
+            for name, spec in list(pending.items()):
+                dep = spec.get("after")
+                if dep is None or (dep not in pending and dep not in futures):
+                    futures[name] = pool.submit(_run_stage, name, spec, work, base, exports)
+                    del pending[name]
+            finished = [n for n, f in futures.items() if f.done()]
+            if not finished:
+                time.sleep(0.5)
+                continue
+            for n in finished:
+                cmd, seconds = futures.pop(n).result()  # raises when a run failed
+                commands[n] = cmd
+                done(n, seconds)
+    times["this_invocation"] = time.time() - t_all
+
+    manifest = {
+        "made_by": "python -m dcm_core.toy.build (make toy-models)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
+        "seed": seed,
+        "toy": {"world": cfg.world, "shift": TR.TOY_SHIFT, "boundary_timestep": TOY_BOUNDARY, "k0": TOY_K0,
+                "teacher_cfg": teacher_cfg, "recommended_steps": 4},
+        "teacher": {"architecture": cfg.arch, "config": asdict(cfg),
+                    "command": "python -m dcm_core.toy.build --work " + str(work)},
+        "world": {"version": cfg.world, "size": world.SIZE, "frames": world.FRAMES, "text_tokens": world.TEXT_TOKENS,
+                  "dataset_clips": clips},
+        "commands": commands,
+        "wall_seconds": {k: round(v, 1) for k, v in times.items()},
+        "files": {},
+    }
+    if bundle:
+        manifest["toy"]["bundled"] = {"dcm": detail_run, "single_expert": "lcm"}
+        _bundle(weights_dir, teacher_dir, exports[detail_run], exports["lcm"], manifest)
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _bundle(weights_dir: Path, teacher_dir: Path, det: Path, single: Path, manifest: dict) -> None:
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    tdst = weights_dir / M.TEACHER_DIR
+    tdst.mkdir(exist_ok=True)
+    shutil.copyfile(teacher_dir / "config.json", tdst / "config.json")
+    # bf16 keeps the bundle small; the loaders upcast to fp32
+    _copy_bf16(teacher_dir / "diffusion_pytorch_model.safetensors", tdst / "diffusion_pytorch_model.safetensors")
+    _copy_bf16(det / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.DCM_FILE)
+    _copy_bf16(single / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.VCM_FILE)
+    for p in sorted(weights_dir.rglob("*.safetensors")) + [tdst / "config.json"]:
+        manifest["files"][p.relative_to(weights_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    (weights_dir / M.MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcm_core.toy.build", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=None, help="working folder for runs and logs (default runs/toy; runs/toy_v2 for --world v2)")
-    p.add_argument("--world", choices=("v1", "v2"), default="v1",
-                   help="toy world: v1 (default; the bundled models) or v2 (textured, in progress: --teacher-only)")
+    p.add_argument("--work", default=None, help="working folder for runs and logs (default runs/toy_v2; runs/toy for --world v1)")
+    p.add_argument("--world", choices=("v1", "v2"), default="v2",
+                   help="toy world: v2 (default; the bundled models: textured objects) or v1 (the earlier flat world)")
     p.add_argument("--teacher-only", action="store_true",
                    help="v2: train only the teacher (resumable run in <work>/teacher_run: checkpoints, train.log, eval.jsonl)")
-    p.add_argument("--resume", action="store_true", help="v2: continue the teacher run from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="v2 --teacher-only: continue the teacher run from its last checkpoint (the full build always resumes)")
     p.add_argument("--arch", default=None, metavar="DIM,LAYERS,FFN",
                    help="v2: teacher architecture (default %s)" % ",".join(str(v) for v in TR.TOY_WAN_V2.values()))
     p.add_argument("--batch-size", type=int, default=None, help="v2: teacher batch size (default 16)")
-    p.add_argument("--teacher-steps", type=int, default=T.TeacherConfig.steps)
-    p.add_argument("--semantic-steps", type=int, default=600)
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help=f"teacher training steps (default v2 {TR.RunConfig.steps}, v1 {T.TeacherConfig.steps})")
+    p.add_argument("--teacher-cfg", type=float, default=TOY_CFG,
+                   help=f"v2: the teacher's CFG scale for reference samples and distillation targets (default {TOY_CFG:g})")
+    p.add_argument("--semantic-steps", type=int, default=None, help="semantic-stage steps (default v2 400, v1 600)")
     p.add_argument("--detail-steps", type=int, default=200)
+    p.add_argument("--detail-run", choices=("detail", "detail_no_gan"), default=TOY_DETAIL_RUN,
+                   help=f"v2: which detail-stage run is bundled as the DCM experts (default {TOY_DETAIL_RUN})")
     p.add_argument("--clips", type=int, default=1024, help="clips in the distillation dataset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ablations", action="store_true", help="also train the ablations: DCM without the TC loss, DCM with the GAN in the detail stage")
+    p.add_argument("--jobs", type=int, default=2, help="v2: trainer runs at once, one thread each (default 2)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also train the ablations (v2: DCM without the TC loss; DCM without GAN/FM and the "
+                        "LCM / PCM baselines are always trained)")
     p.add_argument("--no-bundle", action="store_true", help="do not copy the results into the bundled weights folder")
     p.add_argument("--weights-dir", default=str(M.WEIGHTS_DIR))
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
@@ -226,31 +431,40 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(a.threads)  # for the trainer subprocesses
     if a.world == "v2":
         return _main_v2(a)
-    m = build(Path(a.work or "runs/toy"), teacher_steps=a.teacher_steps, semantic_steps=a.semantic_steps,
-              detail_steps=a.detail_steps, clips=a.clips, seed=a.seed, ablations=a.ablations,
-              bundle=not a.no_bundle, weights_dir=Path(a.weights_dir))
+    m = build(Path(a.work or "runs/toy"), teacher_steps=a.teacher_steps or T.TeacherConfig.steps,
+              semantic_steps=a.semantic_steps or 600, detail_steps=a.detail_steps, clips=a.clips, seed=a.seed,
+              ablations=a.ablations, bundle=not a.no_bundle, weights_dir=Path(a.weights_dir))
     print(json.dumps(m["wall_seconds"], indent=1))
     return 0
 
 
 def _main_v2(a: argparse.Namespace) -> int:
-    """World v2 (issue 12, in progress): the resumable teacher run only, for now."""
-    if not a.teacher_only:
-        print("--world v2 builds only the teacher so far (issue 12 in progress): add --teacher-only", file=sys.stderr)
-        return 2
-    cfg = TR.RunConfig(steps=a.teacher_steps, seed=a.seed)
+    cfg = TR.RunConfig(seed=a.seed)
+    if a.teacher_steps:
+        cfg.steps = a.teacher_steps
     if a.arch:
         dim, layers, ffn = (int(v) for v in a.arch.split(","))
         cfg.arch = dict(dim=dim, num_layers=layers, ffn_dim=ffn)
     if a.batch_size:
         cfg.batch_size = a.batch_size
-    run = Path(a.work or "runs/toy_v2") / "teacher_run"
+    work = Path(a.work or "runs/toy_v2")
+    run = work / "teacher_run"
     try:
-        TR.train(cfg, run, resume=a.resume)
+        if a.teacher_only:
+            TR.train(cfg, run, resume=a.resume)
+            print(f"teacher: {run / 'teacher'} (log {run / 'train.log'}, scores {run / 'eval.jsonl'})")
+            return 0
+        m = build_v2(work, cfg=cfg, semantic_steps=a.semantic_steps or 400, detail_steps=a.detail_steps,
+                     clips=a.clips, seed=a.seed, ablations=a.ablations, bundle=not a.no_bundle,
+                     weights_dir=Path(a.weights_dir), jobs=a.jobs, teacher_cfg=a.teacher_cfg, detail_run=a.detail_run)
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"teacher: {run / 'teacher'} (log {run / 'train.log'}, scores {run / 'eval.jsonl'})")
+    except subprocess.CalledProcessError as e:
+        print(f"error: a trainer run failed ({e}); its log is in {work}/<run>.log — fix and re-run to continue",
+              file=sys.stderr)
+        return 1
+    print(json.dumps(m["wall_seconds"], indent=1))
     return 0
 
 

@@ -2,12 +2,18 @@
 
 Samples one prompt + seed four ways from the same noise and writes, into ``--out``:
 
-* ``teacher_50step.gif``  — the teacher, 50 flow-Euler steps (the reference);
-* ``dcm_<N>step.gif``     — DCM: semantic expert then detail expert, the official Wan step list;
-* ``euler_<N>step.gif``   — plain flow-Euler on the teacher with the same N steps;
+* ``teacher_50step.gif``  — the teacher, 50 flow-Euler steps on the toy grid (the reference, with the
+  bundle's CFG);
+* ``dcm_<N>step.gif``     — DCM: semantic expert then detail expert (default: the toy's recommended
+  4 steps on its grid, 2 + 2);
+* ``euler_<N>step.gif``   — plain flow-Euler on the teacher with the same N steps (and the teacher's CFG);
 * ``vcm_<N>step.gif``     — a single-expert consistency baseline with the same N steps;
 * ``strip.png``           — all four side by side (rows = methods, columns = frames);
-* ``metrics.json``        — MSE to the teacher's sample, motion error, model calls, seconds.
+* ``metrics.json``        — MSE to the teacher's sample, motion error, model calls, seconds, the sigmas.
+
+The schedule, routing boundary and CFG come from the bundle's manifest (``toy`` section: world v2, grid
+shift 3, boundary 810, teacher CFG); ``--preset`` also takes the pack's presets (official lists as they
+are; per-expert-uniform and pcm-default placed on the toy grid).
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from . import world
 log = logging.getLogger("DCM.toy")
 
 DEFAULT_PROMPT = "red circle moving right"
-DEFAULT_PRESET = "wan2.1-t2v-6step"
+#: The toy's own schedule: ``--steps`` uniform steps on the bundle's grid (shift 3 for world v2).
+TOY_PRESET = "toy"
+DEFAULT_PRESET = TOY_PRESET
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,9 +53,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"toy-world prompt (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=[n for n in PRESET_NAMES if n != "custom"],
-                   help=f"few-step schedule for DCM, plain Euler and the baseline (default {DEFAULT_PRESET})")
-    p.add_argument("--steps", type=int, default=6, help="steps for the pcm-default preset (default 6)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=[TOY_PRESET] + [n for n in PRESET_NAMES if n != "custom"],
+                   help=f"few-step schedule for DCM, plain Euler and the baseline (default {DEFAULT_PRESET}: the toy "
+                        "grid, recommended 4 steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps for the toy (default: the bundle's recommended, 4) and pcm-default (default 6) presets")
     p.add_argument("--semantic-steps", type=int, default=3,
                    help="semantic-expert steps for the per-expert-uniform preset (default 3)")
     p.add_argument("--detail-steps", type=int, default=3,
@@ -91,7 +101,7 @@ def run_demo(
     out: str | Path = "demo_out",
     *,
     preset: str = DEFAULT_PRESET,
-    steps: int = 6,
+    steps: int | None = None,
     semantic_steps: int = 3,
     detail_steps: int = 3,
     scale: int = 6,
@@ -105,36 +115,42 @@ def run_demo(
     t_load = time.perf_counter()
     bundle = M.load_bundle(weights)
     t_load = time.perf_counter() - t_load
-    ctx = world.encode_text(prompt)[None]
+    st = bundle.settings
+    w = st.world_module
+    ctx = w.encode_text(prompt)[None]
     noise = M.make_noise(seed)
-    few = build_sigmas(preset, steps=steps, semantic_steps=semantic_steps, detail_steps=detail_steps,
-                       boundary_timestep=M.BOUNDARY)
+    few = schedule_sigmas(st, preset, steps=steps, semantic_steps=semantic_steps, detail_steps=detail_steps)
     n = len(few) - 1
-    methods: list[tuple[str, str, Any]] = [
-        ("teacher_50step", "teacher, 50 steps", lambda: M.sample_single(bundle.teacher, noise, ctx, M.teacher_sigmas())),
-        (f"dcm_{n}step", f"DCM, {n} steps", lambda: M.sample_experts(bundle.dcm, noise, ctx, few)),
-        (f"euler_{n}step", f"Euler, {n} steps", lambda: M.sample_single(bundle.teacher, noise, ctx, few)),
+    b, cfg = st.boundary_timestep, st.teacher_cfg
+    per_call = 2 if cfg != 1.0 else 1  # CFG: a conditional and an unconditional call per step
+    methods: list[tuple[str, str, int, Any]] = [
+        ("teacher_50step", "teacher, 50 steps", 50 * per_call,
+         lambda: M.sample_single(bundle.teacher, noise, ctx, M.teacher_sigmas(st), cfg)),
+        (f"dcm_{n}step", f"DCM, {n} steps", n, lambda: M.sample_experts(bundle.dcm, noise, ctx, few, b)),
+        (f"euler_{n}step", f"Euler, {n} steps", n * per_call,
+         lambda: M.sample_single(bundle.teacher, noise, ctx, few, cfg)),
     ]
     if bundle.vcm is not None:
-        methods.append((f"vcm_{n}step", f"1-expert CM, {n} st.", lambda: M.sample_single(bundle.vcm, noise, ctx, few)))
+        methods.append((f"vcm_{n}step", f"1-expert CM, {n} st.", n,
+                        lambda: M.sample_single(bundle.vcm, noise, ctx, few)))
     results: dict[str, dict] = {}
     rows = []
     ref = None
-    for key, label, fn in methods:
+    for key, label, calls, fn in methods:
         t0 = time.perf_counter()
         lat = fn()
         dt = time.perf_counter() - t0
         if ref is None:
             ref = lat
-        frames = world.latent_to_frames(lat[0])
-        u8 = world.to_uint8(frames)
+        frames = w.latent_to_frames(lat[0])
+        u8 = w.to_uint8(frames)
         _save_gif(u8, out / f"{key}.gif", scale, fps)
         rows.append((label, u8))
         results[key] = {
             "label": label,
-            "model_calls": 50 if key.startswith("teacher") else n,
+            "model_calls": calls,
             "seconds": round(dt, 4),
-            **M.score(lat, ref, prompt),
+            **M.score(lat, ref, prompt, w),
             "frame_change": float((frames[1:] - frames[:-1]).abs().mean()),
         }
     _save_strip(rows, out / "strip.png", scale, f"{prompt!r}  seed {seed}  ({preset})")
@@ -143,14 +159,27 @@ def run_demo(
         "seed": seed,
         "preset": preset,
         "sigmas": few,
-        "experts": route(few, M.BOUNDARY),
-        "boundary_timestep": M.BOUNDARY,
+        "experts": route(few, b),
+        "boundary_timestep": b,
+        "world": st.world,
+        "grid_shift": st.shift,
+        "teacher_cfg": cfg,
         "load_seconds": round(t_load, 3),
         "methods": results,
         "files": sorted({p.name for p in out.iterdir()} | {"metrics.json"}),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def schedule_sigmas(st: M.ToySettings, preset: str, *, steps: int | None = None, semantic_steps: int = 3,
+                    detail_steps: int = 3) -> list[float]:
+    """The demo's few-step sigmas: ``toy`` = ``steps`` (default the bundle's recommended count) on the toy grid;
+    per-expert-uniform and pcm-default placed on the toy grid with the bundle's boundary; official lists as is."""
+    if preset == TOY_PRESET:
+        return st.grid(steps or st.recommended_steps)
+    return build_sigmas(preset, steps=steps or 6, semantic_steps=semantic_steps, detail_steps=detail_steps,
+                        boundary_timestep=st.boundary_timestep, shift=st.shift)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from .. import tiny
 from ..errors import DCMFileNotFoundError
 from ..modeling import add_detail_expert, velocity
 from ..sampler import sample_dcm
-from ..schedule import DEFAULT_BOUNDARY_TIMESTEP, FAMILY_WAN, SEMANTIC, inference_pcm_sigmas
+from ..schedule import DCM_SHIFT, DEFAULT_BOUNDARY_TIMESTEP, FAMILY_WAN, SEMANTIC, flow_shift, inference_pcm_sigmas
 from . import world
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -32,9 +32,42 @@ MANIFEST = "manifest.json"
 BOUNDARY = DEFAULT_BOUNDARY_TIMESTEP[FAMILY_WAN]
 
 
-def teacher_sigmas() -> list[float]:
-    """The teacher's 50-step reference schedule: the 50-point PCM grid (shift 17), then 0."""
-    return inference_pcm_sigmas() + [0.0]
+@dataclass(frozen=True)
+class ToySettings:
+    """How a bundle's models are sampled, from its manifest's ``toy`` section (bundles made before it existed:
+    world v1, the official shift-17 grid and Wan's boundary 978, no CFG)."""
+
+    world: str = "v1"
+    shift: float = DCM_SHIFT
+    boundary_timestep: float = BOUNDARY
+    teacher_cfg: float = 1.0
+    recommended_steps: int = 6
+
+    @property
+    def world_module(self):
+        from .world_v2 import get_world
+
+        return get_world(self.world)
+
+    def grid(self, steps: int) -> list[float]:
+        """``steps`` flow-Euler steps on the toy grid: σ(1), σ((n−1)/n), …, σ(1/n), then 0 (shift ``shift``)."""
+        return [float(flow_shift((steps - j) / steps, self.shift)) for j in range(steps)] + [0.0]
+
+
+def toy_settings(weights_dir: str | Path = WEIGHTS_DIR) -> ToySettings:
+    path = Path(weights_dir) / MANIFEST
+    toy = json.loads(path.read_text()).get("toy") if path.exists() else None
+    if not toy:
+        return ToySettings()
+    return ToySettings(str(toy["world"]), float(toy["shift"]), float(toy["boundary_timestep"]),
+                       float(toy.get("teacher_cfg", 1.0)), int(toy.get("recommended_steps", 4)))
+
+
+def teacher_sigmas(settings: ToySettings | None = None) -> list[float]:
+    """The teacher's 50-step reference schedule: the 50-point grid of the bundle's shift (v1: 17), then 0."""
+    if settings is None or settings.shift == DCM_SHIFT:
+        return inference_pcm_sigmas() + [0.0]
+    return settings.grid(50)
 
 
 def _need(path: Path) -> Path:
@@ -113,26 +146,39 @@ class ToyModels:
     teacher: nn.Module
     dcm: nn.Module
     vcm: nn.Module | None
+    settings: ToySettings = ToySettings()
 
 
 def load_bundle(weights_dir: str | Path = WEIGHTS_DIR) -> ToyModels:
     weights_dir = Path(weights_dir)
     vcm = load_vcm(weights_dir) if (weights_dir / VCM_FILE).exists() else None
-    return ToyModels(load_teacher(weights_dir), load_dcm(weights_dir), vcm)
+    return ToyModels(load_teacher(weights_dir), load_dcm(weights_dir), vcm, toy_settings(weights_dir))
 
 
 # ----------------------------------------------------------------------------- samplers
 
 
 def make_noise(seed: int, batch: int = 1) -> torch.Tensor:
+    """Seeded CPU noise of the toy latent's shape (the same in every world: ComfyUI's KSampler draws it alike)."""
     g = torch.Generator().manual_seed(int(seed))
     return torch.randn(world.latent_shape(batch), generator=g)
 
 
 @torch.no_grad()
-def sample_single(model: nn.Module, noise: torch.Tensor, context: torch.Tensor, sigmas) -> torch.Tensor:
-    """Flow-Euler over ``sigmas`` with one model (teacher or single-expert baseline)."""
-    return sample_dcm(lambda x, s, e: velocity(model, x, s, context, SEMANTIC), noise, sigmas, BOUNDARY)
+def sample_single(model: nn.Module, noise: torch.Tensor, context: torch.Tensor, sigmas,
+                  cfg_scale: float = 1.0) -> torch.Tensor:
+    """Flow-Euler over ``sigmas`` with one model (teacher or single-expert baseline), optionally with
+    classifier-free guidance ``v_u + s·(v_c − v_u)`` against the empty prompt (all-zero embedding)."""
+    if cfg_scale == 1.0:
+        return sample_dcm(lambda x, s, e: velocity(model, x, s, context, SEMANTIC), noise, sigmas, BOUNDARY)
+    uncond = torch.zeros_like(context)
+
+    def guided(x, s, e):
+        v = velocity(model, torch.cat([x, x]), s, torch.cat([context, uncond]), SEMANTIC)
+        vc, vu = v.chunk(2)
+        return vu + cfg_scale * (vc - vu)
+
+    return sample_dcm(guided, noise, sigmas, BOUNDARY)
 
 
 @torch.no_grad()
@@ -142,10 +188,10 @@ def sample_experts(model: nn.Module, noise: torch.Tensor, context: torch.Tensor,
     return sample_dcm(lambda x, s, e: velocity(model, x, s, context, e), noise, sigmas, boundary)
 
 
-def score(latent: torch.Tensor, reference: torch.Tensor, prompt: str) -> dict[str, float]:
+def score(latent: torch.Tensor, reference: torch.Tensor, prompt: str, w=world) -> dict[str, float]:
     """How a sample compares with the teacher's: MSE of the model-space latents and the motion error (px)
-    of its decoded frames against the prompt's motion law."""
+    of its decoded frames against the prompt's motion law (in world ``w``)."""
     return {
         "mse_to_teacher": float(((latent - reference) ** 2).mean()),
-        "motion_error_px": world.motion_error(world.latent_to_frames(latent[0]), prompt),
+        "motion_error_px": w.motion_error(w.latent_to_frames(latent[0]), prompt),
     }

@@ -73,7 +73,7 @@ EVAL_SEED_BASE = 900_000
 class RunConfig:
     world: str = "v2"
     arch: dict = field(default_factory=lambda: dict(TOY_WAN_V2))
-    steps: int = 4000
+    steps: int = 3200
     batch_size: int = 16
     lr: float = 5e-4
     warmup: int = 200

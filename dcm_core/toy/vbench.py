@@ -1,4 +1,4 @@
-"""``python -m dcm_core.toy.vbench`` (``make toy-eval-v2``): a toy VBench for world v2 (issue 12, item 5).
+"""``python -m dcm_core.toy.vbench`` (``make toy-eval`` through :mod:`dcm_core.toy.evaluate`): a toy VBench for world v2.
 
 Every method samples the same fixed prompt/seed pairs (:func:`pairs`, 64 by default) from the same noise, at
 2, 4 and 6 steps on the toy grid, and is scored per sample against the teacher's 50-step sample from that
@@ -18,15 +18,21 @@ Per step count, each method's per-sample wins: on how many samples it has the lo
 total, among the few-step methods. A method is any ``(noise, context, sigmas) -> latent``; built in are
 plain flow-Euler on the teacher, and — given their files — the DCM experts (official combined layout) and a
 single-expert consistency model.
+
+``make toy-eval`` runs it on the bundled models (teacher with its CFG, DCM, the LCM-style single expert) plus
+the runs of ``make toy-models`` that are not bundled (the PCM-style phased single expert, DCM without GAN/FM,
+and with ``--ablations`` DCM without TC), and checks the issue's targets (:func:`targets`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,7 +171,79 @@ def markdown(res: dict) -> str:
     lines.append("")
     lines.append(f"{res['samples']} prompt/seed pairs, toy grid shift {res['shift']:g}; teacher colour / shape / "
                  f"motion correct {t['colour_ok']:.0%} / {t['shape_ok']:.0%} / {t['motion_ok']:.0%}.")
+    tg = res.get("targets") or []
+    if tg:
+        lines.append("")
+        lines.append("| steps | target | measured | met |")
+        lines.append("|---|---|---|---|")
+        for x in tg:
+            val = f"{x['value']:.1%} below" if "within" in x["target"] else f"{x['value']:.2f}×"
+            lines.append(f"| {x['steps']} | {x['target']} | {val} | {'yes' if x['met'] else '**no**'} |")
     return "\n".join(lines)
+
+
+#: Runs of ``make toy-models`` scored next to the bundle: method name → (run folder, kind).
+RUN_METHODS = {"pcm": ("pcm", "single"), "dcm_no_gan": ("detail_no_gan", "dcm"), "dcm_gan": ("detail", "dcm"),
+               "dcm_no_tc": ("detail_no_tc", "dcm")}
+
+
+def bundle_methods(weights: str | Path, runs: str | Path | None) -> tuple[torch.nn.Module, dict[str, Method], Any]:
+    """The bundle's teacher, its methods (Euler with the teacher's CFG, DCM, the single expert) and the
+    not-bundled runs found under ``runs``; returns ``(teacher, methods, settings)``."""
+    from . import models as M
+
+    bundle = M.load_bundle(weights)
+    st = bundle.settings
+    methods: dict[str, Method] = {"euler": euler(bundle.teacher, st.teacher_cfg), "dcm": dcm(bundle.dcm, st.boundary_timestep)}
+    if bundle.vcm is not None:
+        methods["lcm"] = single(bundle.vcm)
+    bundled = {}
+    man = Path(weights) / M.MANIFEST
+    if man.exists():
+        bundled = (json.loads(man.read_text()).get("toy") or {}).get("bundled") or {}
+    if runs:
+        for name, (run, kind) in RUN_METHODS.items():
+            f = Path(runs) / run / "export" / "transformer" / "diffusion_pytorch_model.safetensors"
+            if not f.exists() or bundled.get("dcm") == run:
+                continue  # (the bundled detail run is "dcm" already)
+            if kind == "dcm":
+                methods[name] = dcm(M.load_dcm_file(f, weights), st.boundary_timestep)
+            else:
+                methods[name] = single(M.load_vcm_file(f, Path(weights) / M.TEACHER_DIR))
+    return bundle.teacher, methods, st
+
+
+#: The issue's targets: at 4 and 6 steps DCM's MSE ≤ 0.5× Euler's and ≤ 0.67× the single expert's (the best of
+#: LCM / PCM), its total within 1 % of the teacher's; at 2 steps DCM's MSE no worse than the single expert's.
+TARGET_EULER, TARGET_SINGLE, TARGET_TOTAL = 0.5, 0.67, 0.01
+
+
+def targets(res: dict) -> list[dict]:
+    """Each target with its measured value and whether it is met (skipped when a method is missing)."""
+    out = []
+    t_total = res["teacher"]["total"]
+    for n, block in res["by_steps"].items():
+        m = block["methods"]
+        if "dcm" not in m:
+            continue
+        d = m["dcm"]
+        singles = [k for k in ("lcm", "pcm", "single_expert_cm") if k in m]
+        best = min(singles, key=lambda k: m[k]["mse"]) if singles else None
+        if n in ("4", "6"):
+            if "euler" in m:
+                r = d["mse"] / m["euler"]["mse"]
+                out.append({"steps": int(n), "target": f"DCM MSE ≤ {TARGET_EULER}× Euler", "value": r, "met": r <= TARGET_EULER})
+            if best:
+                r = d["mse"] / m[best]["mse"]
+                out.append({"steps": int(n), "target": f"DCM MSE ≤ {TARGET_SINGLE}× single expert ({best})", "value": r,
+                            "met": r <= TARGET_SINGLE})
+            gap = (t_total - d["total"]) / t_total
+            out.append({"steps": int(n), "target": f"DCM total within {TARGET_TOTAL:.0%} of the teacher's", "value": gap,
+                        "met": gap <= TARGET_TOTAL})
+        elif n == "2" and best:
+            r = d["mse"] / m[best]["mse"]
+            out.append({"steps": 2, "target": f"DCM MSE no worse than single expert ({best})", "value": r, "met": r <= 1.0})
+    return out
 
 
 def _load_teacher(a) -> tuple[torch.nn.Module, Path | None]:
@@ -180,32 +258,54 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m dcm_core.toy.vbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", default=None,
+                     help="a toy bundle folder (default, when no --teacher / --ckpt: the bundled models)")
     src.add_argument("--teacher", help="diffusers teacher folder, e.g. runs/toy_v2/teacher_run/teacher")
     src.add_argument("--ckpt", help="a teacher run's ckpt.safetensors (EMA weights)")
+    p.add_argument("--runs", default="runs/toy_v2",
+                   help="bundle mode: the `make toy-models` folder whose not-bundled runs (PCM, ablations) are scored "
+                        "too ('' for none; default runs/toy_v2)")
     p.add_argument("--dcm", help="DCM experts (official combined layout) with the teacher's architecture")
     p.add_argument("--single", help="single-expert consistency model (plain diffusers keys)")
     p.add_argument("--world", choices=("v1", "v2"), default="v2")
     p.add_argument("--pairs", type=int, default=N_PAIRS)
     p.add_argument("--steps", default=",".join(str(s) for s in STEPS), help="step counts, comma-separated")
-    p.add_argument("--shift", type=float, default=TR.TOY_SHIFT, help="toy grid shift (teacher reference and methods)")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale of the teacher and Euler (1 = none)")
+    p.add_argument("--shift", type=float, default=None,
+                   help=f"toy grid shift (teacher reference and methods; default: the bundle's, else {TR.TOY_SHIFT:g})")
+    p.add_argument("--boundary", type=float, default=None,
+                   help="routing boundary of --dcm (default: the bundle's, else the toy's 810)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale of the teacher and Euler (default: the "
+                                                           "bundle's; 1 = none)")
     p.add_argument("--out", default="runs/toy_v2/vbench.json")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    teacher, tdir = _load_teacher(a)
-    methods: dict[str, Method] = {"euler": euler(teacher, a.cfg)}
-    if a.dcm or a.single:
-        if tdir is None:
-            p.error("--dcm / --single need --teacher (a diffusers folder: its config.json gives the architecture)")
-        if a.dcm:
-            methods["dcm"] = dcm(M.load_dcm_file(a.dcm, tdir.parent, teacher_dir=tdir), M.BOUNDARY)
-        if a.single:
-            methods["single_expert_cm"] = single(M.load_vcm_file(a.single, tdir))
-    res = evaluate(teacher, methods, world=world_v2.get_world(a.world), n_pairs=a.pairs,
-                   steps=tuple(int(s) for s in a.steps.split(",")), shift=a.shift, cfg_scale=a.cfg)
+    if a.teacher or a.ckpt:
+        from .build import TOY_BOUNDARY
+
+        teacher, tdir = _load_teacher(a)
+        cfg = 1.0 if a.cfg is None else a.cfg
+        methods: dict[str, Method] = {"euler": euler(teacher, cfg)}
+        if a.dcm or a.single:
+            if tdir is None:
+                p.error("--dcm / --single need --teacher (a diffusers folder: its config.json gives the architecture)")
+            if a.dcm:
+                methods["dcm"] = dcm(M.load_dcm_file(a.dcm, tdir.parent, teacher_dir=tdir), a.boundary or TOY_BOUNDARY)
+            if a.single:
+                methods["single_expert_cm"] = single(M.load_vcm_file(a.single, tdir))
+        shift, world = a.shift or TR.TOY_SHIFT, world_v2.get_world(a.world)
+    else:
+        if a.dcm or a.single:
+            p.error("--dcm / --single go with --teacher (bundle mode scores the bundle's own files)")
+        teacher, methods, st = bundle_methods(a.weights or M.WEIGHTS_DIR, a.runs or None)
+        cfg = st.teacher_cfg if a.cfg is None else a.cfg
+        shift, world = a.shift or st.shift, st.world_module
+    res = evaluate(teacher, methods, world=world, n_pairs=a.pairs, steps=tuple(int(s) for s in a.steps.split(",")),
+                   shift=shift, cfg_scale=cfg)
+    res["cfg_scale"] = cfg
+    res["targets"] = targets(res)
     write_report(res, a.out, t0, markdown)
     return 0
 

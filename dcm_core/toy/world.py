@@ -163,25 +163,27 @@ class ClipState:
     radii: tuple[float, ...]
 
 
-def simulate(prompt: Prompt, x0: float, y0: float, r0: float, frames: int = FRAMES) -> ClipState:
-    """The motion law of the toy world, from a start state."""
+def simulate(prompt: Prompt, x0: float, y0: float, r0: float, frames: int = FRAMES, *, speed: float = SPEED,
+             growth: float = GROWTH) -> ClipState:
+    """The motion law of the toy world, from a start state (``speed`` px/frame for translations,
+    ``growth`` px/frame of radius for growing / shrinking; world v2 uses slower, larger objects)."""
     xs, ys, rs = [x0], [y0], [r0]
     vy = 0.0
     for _ in range(1, frames):
         x, y, r = xs[-1], ys[-1], rs[-1]
         m = prompt.motion
         if m == "moving left":
-            x -= SPEED
+            x -= speed
         elif m == "moving right":
-            x += SPEED
+            x += speed
         elif m == "moving up":
-            y -= SPEED
+            y -= speed
         elif m == "moving down":
-            y += SPEED
+            y += speed
         elif m == "growing":
-            r += GROWTH
+            r += growth
         elif m == "shrinking":
-            r = max(1.0, r - GROWTH)
+            r = max(1.0, r - growth)
         elif m == "bouncing":
             vy += GRAVITY
             y += vy
@@ -311,13 +313,13 @@ def motion_error(frames: torch.Tensor, prompt: str | Prompt) -> float:
     return track_error(p, track(frames, p.colour))
 
 
-def track_error(p: Prompt, tr) -> float:
+def track_error(p: Prompt, tr, *, speed: float = SPEED) -> float:
     """Mean distance (px) over frames 1..F−1 between a track ``[(x, y, r)]`` and ``p``'s motion law simulated from
-    the track's first frame; a frame where the object was lost counts as ``SIZE``."""
+    the track's first frame (translations at ``speed`` px/frame); a frame where the object was lost counts as ``SIZE``."""
     x0, y0, r0 = tr[0]
     if not all(math.isfinite(v) for v in (x0, y0)):
         return float(SIZE)
-    sim = simulate(p, x0, y0, r0, frames=len(tr))
+    sim = simulate(p, x0, y0, r0, frames=len(tr), speed=speed)
     errs = []
     for i in range(1, len(tr)):
         x, y, r = tr[i]

@@ -25,7 +25,7 @@ Analytic measurements (what the toy VBench scores a generated clip with, no lear
   stays ≤ 0.25, so one threshold separates them for every colour and texture;
 * :func:`classify_colour`, :func:`classify_shape`, :func:`classify_motion` — nearest colour by
   chromaticity, best-IoU shape at the tracked size, best-fitting motion law;
-* :func:`motion_error` — as v1's (tracked vs simulated centre and radius, px), on the v2 tracker;
+* :func:`motion_error` — as v1's (tracked vs simulated centre and radius, px, at v2's speed), on the v2 tracker;
 * :func:`hf_energy` — sharpness: mean squared discrete Laplacian (high-frequency energy);
 * :func:`warp_error` — temporal consistency of the texture: each frame's object interior against the
   previous frame shifted by the tracked motion of the centre, mean squared difference.
@@ -47,6 +47,7 @@ from .world import (  # noqa: F401  (re-exported: v2 keeps v1's language, text e
     PATCH,
     SHAPES,
     SIZE,
+    TEXT_TOKENS,
     ClipState,
     Prompt,
     all_prompts,
@@ -55,12 +56,16 @@ from .world import (  # noqa: F401  (re-exported: v2 keeps v1's language, text e
     latent_shape,
     latent_to_frames,
     parse_prompt,
-    simulate,
-    start_state,
     to_uint8,
 )
 
 VERSION = "v2"
+#: Objects are larger than v1's (radius 5–6.5 px against 3.5–5) so the shape word decides a visible share of
+#: the clip (corners vs. round edges over ≈ 20 px per frame instead of ≈ 8), and move slower (1.5 px/frame
+#: against 2) so the larger objects stay inside the 24-px frame over the clip.
+RADIUS_RANGE = (5.0, 6.5)
+SPEED = 1.5
+GROWTH = w1.GROWTH
 LOW = 0.55  # darkest texture band, as a fraction of the object's colour
 PERIOD_RANGE = (3.0, 6.0)  # object texture period, pixels
 BG_AMPLITUDE = 0.05  # background gradient / texture half-range (RGB in [0, 1])
@@ -139,6 +144,34 @@ def render(prompt: Prompt, state: ClipState, background: Background, texture: Te
         out.append(bg * (1 - a) + fg * a)
     return torch.from_numpy(np.stack(out).astype(np.float32) * 2.0 - 1.0)
 
+
+
+def simulate(prompt: Prompt, x0: float, y0: float, r0: float, frames: int = FRAMES) -> ClipState:
+    """v1's motion law at v2's speed."""
+    return w1.simulate(prompt, x0, y0, r0, frames, speed=SPEED, growth=GROWTH)
+
+
+def start_state(prompt: Prompt, rng: np.random.Generator) -> tuple[float, float, float]:
+    """A random start (centre, radius) that keeps the object inside the frame over the whole clip."""
+    r = rng.uniform(*RADIUS_RANGE)
+    travel = SPEED * (FRAMES - 1)
+    lo, hi = r + 0.5, SIZE - r - 0.5
+    x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+    if prompt.motion == "moving right":
+        x = rng.uniform(lo, hi - travel)
+    elif prompt.motion == "moving left":
+        x = rng.uniform(lo + travel, hi)
+    elif prompt.motion == "moving down":
+        y = rng.uniform(lo, hi - travel)
+    elif prompt.motion == "moving up":
+        y = rng.uniform(lo + travel, hi)
+    elif prompt.motion == "bouncing":
+        y = rng.uniform(lo, SIZE / 2)
+    elif prompt.motion in ("growing", "shrinking"):
+        r = rng.uniform(3.0, 3.5) if prompt.motion == "growing" else rng.uniform(7.5, 8.5)
+        big = r + GROWTH * (FRAMES - 1) if prompt.motion == "growing" else r
+        x, y = rng.uniform(big - 0.5, SIZE - big + 0.5), rng.uniform(big - 0.5, SIZE - big + 0.5)
+    return float(x), float(y), float(r)
 
 
 @dataclass(frozen=True)
@@ -260,7 +293,7 @@ def motion_error(frames: torch.Tensor, prompt: str | Prompt) -> float:
     """Mean distance (px) over frames 1..F−1 between the tracked (x, y, r) and the prompt's motion law
     simulated from the tracked first frame (like v1's, on the colour-agnostic v2 tracker)."""
     p = prompt if isinstance(prompt, Prompt) else parse_prompt(prompt)
-    return w1.track_error(p, track(frames))
+    return w1.track_error(p, track(frames), speed=SPEED)
 
 
 def classify_motion(frames: torch.Tensor, colour: str = "red", shape: str = "circle") -> str:

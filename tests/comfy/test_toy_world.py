@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from dcm_core.latents import to_model_space
-from dcm_core.schedule import build_sigmas
 from dcm_core.toy import models as M
 from dcm_core.toy import world
+from dcm_core.toy.demo import schedule_sigmas
 
 ROOT = Path(__file__).resolve().parents[2]
 TWIN = ROOT / "tests" / "comfy" / "workflows_api" / "dcm_toy_world.json"
@@ -39,10 +39,12 @@ def test_toy_workflow_equals_the_demo_sampler(comfy, toy_prompt, text, seed):
     assert res.success, res.error_text()
     raw = nodes.NODE_CLASS_MAPPINGS["DCMTestCapture"].STORE["toy"]["samples"]
     assert raw.shape == world.latent_shape()
-    # the demo's DCM path: same noise (seeded CPU randn, as KSampler), same conditioning and sigmas
+    # the demo's DCM path: same noise (seeded CPU randn, as KSampler), same conditioning, the demo's default
+    # sigmas (the toy's recommended steps on its grid) and the bundle's boundary
+    st = M.toy_settings()
     with torch.no_grad():
         ref = M.sample_experts(M.load_dcm(), M.make_noise(seed), world.encode_text(text)[None],
-                               build_sigmas("wan2.1-t2v-6step"))
+                               schedule_sigmas(st, "toy"), st.boundary_timestep)
     diff = (to_model_space(raw, "wan") - ref).abs().max().item()
     print(f"toy world ComfyUI vs demo ({text!r}, seed {seed}): max |diff| = {diff:.3e}")
     assert diff <= 1e-4

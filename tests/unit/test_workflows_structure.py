@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dcm_core.families import BOUNDARY_PRESETS, WAN22_BOUNDARY, resolve_boundary
-from dcm_core.schedule import PRESET_NAMES, build_sigmas, route
+from dcm_core.schedule import PRESET_NAMES, build_sigmas, parse_custom_sigmas, route
+from dcm_core.toy.models import toy_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 UI_DIR = ROOT / "workflows"
@@ -84,17 +85,25 @@ def test_dcm_settings_are_the_official_ones(name):
     # Wan2.2 A14B: the high/low-noise pair switches at the base's own boundary (875 T2V, 900 I2V), picked with the
     # boundary preset; its preset spreads the steps inside each model's range
     a14b = {"dcm_wan2.2_t2v_a14b.json": "t2v", "dcm_wan2.2_i2v_a14b.json": "i2v"}.get(name)
-    boundary = WAN22_BOUNDARY[a14b] if a14b else 981.0 if hunyuan else 978.0
+    # the toy world: its own grid (shift 3) through DCM Schedule (custom) and its bundle's boundary
+    boundary = WAN22_BOUNDARY[a14b] if a14b else 981.0 if hunyuan else toy_settings().boundary_timestep if toy else 978.0
     boundary_preset = next((k for k, v in BOUNDARY_PRESETS.items() if a14b and v == boundary and "wan2.2" in k), "manual")
     for n in wf["nodes"]:
         w = n["widgets_values"]
         if n["type"] == "DCMDualExpertSampler":
             seed, control, preset, b, cfg_s, cfg_d, bp = w
             assert control in ("fixed", "randomize") and preset in PRESET_NAMES
-            assert preset == ("per-expert-uniform" if a14b else "hunyuan-t2v-4step" if hunyuan else "wan2.1-t2v-6step")
+            assert preset == ("custom" if toy else "per-expert-uniform" if a14b else "hunyuan-t2v-4step" if hunyuan
+                              else "wan2.1-t2v-6step")
             assert (b, cfg_s, cfg_d, bp) == (boundary, 1.0, 1.0, boundary_preset)
             assert resolve_boundary(bp, b) == boundary
-            experts = route(build_sigmas(preset, boundary_timestep=b), b)
+            if toy:  # the sigmas come from DCM Schedule: the toy's recommended steps on its grid, as the demo's
+                sched = next(x["widgets_values"] for x in wf["nodes"] if x["type"] == "DCMSchedule")
+                st = toy_settings()
+                assert parse_custom_sigmas(sched[5]) == pytest.approx(st.grid(st.recommended_steps), abs=1e-6)
+                experts = route(parse_custom_sigmas(sched[5]), b)
+            else:
+                experts = route(build_sigmas(preset, boundary_timestep=b), b)
             assert "semantic" in experts and "detail" in experts
         if n["type"] in ("DCMDualExpertGuider",):
             assert w == [boundary, 1.0, 1.0, "manual"]

@@ -26,20 +26,25 @@ def test_demo_cli_writes_moving_shapes_closer_to_the_teacher_than_euler(tmp_path
     )
     assert r.returncode == 0, r.stderr[-3000:]
     names = {p.name for p in out.iterdir()}
-    assert {"teacher_50step.gif", "dcm_6step.gif", "euler_6step.gif", "vcm_6step.gif", "strip.png",
+    assert {"teacher_50step.gif", "dcm_4step.gif", "euler_4step.gif", "vcm_4step.gif", "strip.png",
             "metrics.json"} <= names
     m = json.loads((out / "metrics.json").read_text())
     meth = m["methods"]
-    assert m["experts"] == ["semantic"] * 3 + ["detail"] * 3
+    st = M.toy_settings()
+    # the default: the toy's recommended 4 steps on its own grid, 2 + 2 at the bundle's boundary
+    assert m["preset"] == "toy" and m["grid_shift"] == st.shift and m["boundary_timestep"] == st.boundary_timestep
+    assert m["sigmas"] == pytest.approx(st.grid(4)) and m["experts"] == ["semantic"] * 2 + ["detail"] * 2
     # non-trivial: the video changes over frames, and the images are not flat
-    assert meth["dcm_6step"]["frame_change"] > 0.005
+    assert meth["dcm_4step"]["frame_change"] > 0.005
     assert meth["teacher_50step"]["frame_change"] > 0.005
-    # DCM is closer to the teacher than plain Euler with the same 6 steps
-    assert meth["dcm_6step"]["mse_to_teacher"] < meth["euler_6step"]["mse_to_teacher"]
-    assert meth["dcm_6step"]["model_calls"] == 6 and meth["teacher_50step"]["model_calls"] == 50
+    # DCM is closer to the teacher than plain Euler with the same 4 steps
+    assert meth["dcm_4step"]["mse_to_teacher"] < meth["euler_4step"]["mse_to_teacher"]
+    per_call = 2 if m["teacher_cfg"] != 1 else 1  # CFG: two teacher calls per step
+    assert meth["dcm_4step"]["model_calls"] == 4 and meth["teacher_50step"]["model_calls"] == 50 * per_call
+    assert meth["euler_4step"]["model_calls"] == 4 * per_call
     from PIL import Image
 
-    gif = Image.open(out / "dcm_6step.gif")
+    gif = Image.open(out / "dcm_4step.gif")
     assert gif.n_frames == 6
     assert "DCM toy demo" in r.stdout
 
@@ -64,3 +69,21 @@ def test_demo_per_expert_uniform_two_steps(tmp_path):
     assert m["experts"] == ["semantic", "detail"] and len(m["sigmas"]) == 3
     assert m["methods"]["dcm_2step"]["model_calls"] == 2
     assert {"dcm_2step.gif", "euler_2step.gif"} <= {p.name for p in out.iterdir()}
+    # the steps lie on the toy grid (its shift), one in each expert's part of it
+    from dcm_core.schedule import per_expert_uniform_sigmas
+
+    st = M.toy_settings()
+    assert m["sigmas"] == pytest.approx(per_expert_uniform_sigmas(1, 1, st.boundary_timestep, st.shift))
+
+
+@pytest.mark.parametrize("preset, n", [("hunyuan-t2v-4step", 4), ("wan2.1-t2v-6step", 6)])
+def test_demo_official_presets_still_run(tmp_path, preset, n):
+    out = tmp_path / preset
+    r = subprocess.run([sys.executable, "-m", "dcm_core", "demo", "--preset", preset, "--out", str(out), "--scale", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    from dcm_core.schedule import build_sigmas
+
+    assert m["sigmas"] == build_sigmas(preset) and len(m["experts"]) == n
+    assert {"teacher_50step", f"dcm_{n}step", f"euler_{n}step", f"vcm_{n}step"} <= set(m["methods"])

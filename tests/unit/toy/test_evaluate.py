@@ -1,4 +1,4 @@
-"""`make toy-eval` (python -m dcm_core.toy.evaluate) on the bundled toy models, as a smoke run."""
+"""`make toy-eval` (python -m dcm_core.toy.evaluate → the toy VBench) on the bundled toy models, as a smoke run."""
 
 from __future__ import annotations
 
@@ -18,22 +18,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_evaluate_cli_scores_every_method_on_every_schedule(tmp_path):
+def test_evaluate_cli_scores_the_bundle_on_the_toy_grid(tmp_path):
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "-m", "dcm_core.toy.evaluate", "--quick", "--runs", "", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["samples"] == 2
-    assert [len(s["sigmas"]) - 1 for s in res["schedules"]] == [6, 4, 2]
-    assert res["schedules"][0]["sigmas"] == [1.0, 0.992, 0.982, 0.949, 0.905, 0.81, 0.0]
-    for s in res["schedules"]:
-        assert set(s["methods"]) == {"dcm", "euler", "single_expert_cm"}  # no ablation runs with --runs ''
-        for m in s["methods"].values():
-            assert math.isfinite(m["mse_to_teacher"]) and m["mse_to_teacher"] > 0
-        assert s["euler_over_dcm_mse"] == pytest.approx(
-            s["methods"]["euler"]["mse_to_teacher"] / s["methods"]["dcm"]["mse_to_teacher"])
+    st = M.toy_settings()
+    assert res["samples"] == 4 and res["shift"] == st.shift and res["cfg_scale"] == st.teacher_cfg
+    assert set(res["by_steps"]) == {"2", "4"}
+    assert res["by_steps"]["4"]["sigmas"] == pytest.approx(st.grid(4), abs=1e-6)
+    for block in res["by_steps"].values():
+        assert set(block["methods"]) == {"dcm", "euler", "lcm"}  # no not-bundled runs with --runs ''
+        for m in block["methods"].values():
+            assert math.isfinite(m["mse"]) and m["mse"] > 0 and 0 <= m["total"] <= 1
     # fewer steps, further from the teacher (plain Euler)
-    e = [s["methods"]["euler"]["mse_to_teacher"] for s in res["schedules"]]
-    assert e[0] < e[2]
-    assert "| **DCM** (semantic + detail experts) |" in r.stdout
+    e = [res["by_steps"][n]["methods"]["euler"]["mse"] for n in ("4", "2")]
+    assert e[0] < e[1]
+    assert {t["steps"] for t in res["targets"]} == {2, 4}
+    assert "| 4 | dcm |" in r.stdout and "| steps | target |" in r.stdout
