@@ -148,6 +148,23 @@ class ScheduleConfig:
             "two-transformer base (Wan2.2 A14B) its boundary index (T2V 875 → 14, I2V 900 → 17)."
         ),
     )
+    phase_edges: list[int] = field(
+        default_factory=list,
+        metadata=_help(
+            "Semantic stage only: PCM-style phases of a single expert. Sorted grid indices [e_0, e_1, …] with e_0 = k0, "
+            "all < grid_steps: the phases are [e_0, e_1), …, [e_last, grid_steps) and a sample drawn at k is trained "
+            "towards σ_prev[largest edge ≤ k] instead of σ_prev[k0] (e.g. [0, 12, 25, 37] with k0 = 0: the paper's "
+            "4-phase PCM baseline). Empty: one phase (official DCM). k0 empty: k0 = e_0."
+        ),
+    )
+    phases: int = field(
+        default=0,
+        metadata=_help(
+            "Semantic stage only: N equal PCM phases over [k0, grid_steps), i.e. phase_edges = k0 + "
+            "floor(linspace(0, grid_steps − k0, N, endpoint=False)) (the official PCM spacing; k0 = 0, N = 4 → "
+            "[0, 12, 25, 37]). 0: off (phase_edges as given)."
+        ),
+    )
     boundary_timestep: float | None = field(
         default=None,
         metadata=_help(
@@ -387,7 +404,9 @@ class TrainConfig:
             )
         cfg.model.family = fam
         if cfg.schedule.k0 is None:
-            cfg.schedule.k0 = DEFAULT_K0[fam]
+            cfg.schedule.k0 = int(cfg.schedule.phase_edges[0]) if cfg.schedule.phase_edges else DEFAULT_K0[fam]
+        if cfg.schedule.phases and not cfg.schedule.phase_edges:
+            cfg.schedule.phase_edges = equal_phase_edges(cfg.schedule.k0, cfg.schedule.grid_steps, cfg.schedule.phases)
         if cfg.schedule.boundary_timestep is None:
             cfg.schedule.boundary_timestep = DEFAULT_BOUNDARY_TIMESTEP[fam]
         if cfg.guidance.cfg_scale is None:
@@ -442,6 +461,7 @@ def validate(cfg: TrainConfig) -> None:
             f"must lie in [{k0_min}, {g - 1}] (Wan 35, HunyuanVideo 38) so the stage gets grid indices "
             f"(0 is allowed for the semantic stage only: a single-expert consistency model over the whole trajectory).",
         )
+    _validate_phases(cfg, bad)
     if cfg.schedule.shift <= 0:
         bad("schedule.shift", cfg.schedule.shift, "must be > 0 (official 17).")
     if cfg.guidance.cfg_scale is not None and cfg.guidance.cfg_scale < 0:
@@ -478,6 +498,51 @@ def validate(cfg: TrainConfig) -> None:
         bad("export.dtype", cfg.export.dtype, "must be fp32, bf16 or fp16.")
     if cfg.parallel.sequence_parallel < 1:
         bad("parallel.sequence_parallel", cfg.parallel.sequence_parallel, "must be ≥ 1 (1: off).")
+
+
+def equal_phase_edges(k0: int, grid_steps: int, phases: int) -> list[int]:
+    """``schedule.phases = N``: ``k0 + floor(linspace(0, grid_steps − k0, N, endpoint=False))``.
+
+    The spacing of the official ``euler_style_multiphase_pred`` (boundaries ``floor(linspace(0, 50, P,
+    endpoint=False))``), taken over the stage's own range ``[k0, grid_steps)`` so no phase reaches past the grid.
+    """
+    import numpy as np
+
+    span = grid_steps - k0
+    return [int(k0 + i) for i in np.floor(np.linspace(0, span, int(phases), endpoint=False)).astype(int)]
+
+
+def _validate_phases(cfg: TrainConfig, bad: Any) -> None:
+    """schedule.phase_edges / schedule.phases: semantic stage, sorted unique indices starting at k0."""
+    s, g = cfg.schedule, cfg.schedule.grid_steps
+    edges, n = s.phase_edges, s.phases
+    if n < 0:
+        bad("schedule.phases", n, "must be ≥ 0 (0: off; N: N equal phases over [k0, grid_steps)).")
+    if not edges and not n:
+        return
+    key, value = ("schedule.phase_edges", edges) if edges else ("schedule.phases", n)
+    if cfg.stage != STAGE_SEMANTIC:
+        bad(key, value, f"phases split the single expert's trajectory and exist in the semantic stage only (this run is "
+            f"the {cfg.stage} stage, whose consistency target is σ_prev[0] and whose adversarial re-noising starts "
+            f"there). Drop {key} or use --stage semantic.")
+    if edges:
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in edges):
+            bad(key, edges, "must be a list of grid indices (integers), e.g. [0, 12, 25, 37].")
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            bad(key, edges, f"must be sorted and unique, e.g. {sorted(set(edges))}.")
+        if edges[0] < 0 or edges[-1] > g - 1:
+            bad(key, edges, f"edges are grid indices in [0, {g - 1}] (schedule.grid_steps = {g}).")
+        if s.k0 is not None and edges[0] != s.k0:
+            bad(key, edges, f"the first edge must be schedule.k0 = {s.k0} (the start of the trained range [k0, {g})). "
+                f"Start the list at {s.k0}, or set schedule.k0={edges[0]} (or leave k0 empty: it then defaults to the first edge).")
+    if n and s.k0 is not None:
+        if n > g - s.k0:
+            bad("schedule.phases", n, f"[k0, grid_steps) = [{s.k0}, {g}) has only {g - s.k0} grid indices; use at most that many phases.")
+        if edges and list(edges) != equal_phase_edges(s.k0, g, n):
+            bad("schedule.phase_edges", edges, f"disagrees with schedule.phases={n} (edges {equal_phase_edges(s.k0, g, n)}). "
+                f"Set only one of them.")
+    elif n and edges:
+        bad("schedule.phases", n, "and schedule.phase_edges are both set; set only one of them.")
 
 
 # ---------------------------------------------------------------------------- (de)serialisation
@@ -536,6 +601,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise DCMConfigError(f"config {key}={value!r}: expected a string.")
+    if origin is list and typing.get_args(tp) == (int,):  # grid indices: [0, 12, 25] or "0,12,25" from a shell
+        if isinstance(value, str) and value.strip():
+            try:
+                value = [int(v) for v in value.split(",")]
+            except ValueError:
+                raise DCMConfigError(f"config {key}={value!r}: expected a list of integers such as [0, 12, 25] or 0,12,25.") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # "k=0" from a shell: a one-element list
+        try:
+            if isinstance(value, (list, tuple)):
+                return [_coerce(key, v, int) for v in value]
+        except DCMConfigError:
+            pass
+        raise DCMConfigError(f"config {key}={value!r}: expected a list of integers such as [0, 12, 25] or 0,12,25.")
     if tp is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)

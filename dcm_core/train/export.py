@@ -15,6 +15,9 @@ Output folder (default ``RUN_DIR/export``)::
     NAME_semantic.safetensors, NAME_detail_expert.safetensors
         detail stage: the pack-native ComfyUI files, made by dcm_core.formats.convert_official.
     export_info.json
+        stage, dtype, files, ...; a phased semantic run (``schedule.phase_edges``, the PCM baseline) adds
+        ``phase_edges`` and ``phase_sigmas`` (σ_prev of each edge: where the model's jumps land). The weights
+        are the plain semantic-stage model either way.
 
 Bases other than a one-transformer text-to-video one (dcm_core.families: Wan I2V, Wan2.2 TI2V-5B, Wan2.2 A14B) get
 ``dcm.task`` / ``dcm.base`` (and ``dcm.expert_base``) on every file. A two-transformer base (Wan2.2 A14B) exports one
@@ -149,6 +152,17 @@ def write_native_files(
     return written
 
 
+def _phase_info(cfg: TrainConfig) -> dict[str, Any]:
+    """``phase_edges`` / ``phase_sigmas`` of a phased semantic run for export_info.json; nothing otherwise."""
+    edges = [int(e) for e in cfg.schedule.phase_edges]
+    if cfg.stage != STAGE_SEMANTIC or not edges:
+        return {}
+    from ..schedule import pcm_grid
+
+    grid = pcm_grid(cfg.schedule.shift, cfg.schedule.grid_steps)
+    return {"phase_edges": edges, "phase_sigmas": [float(grid.sigmas_prev[e]) for e in edges]}
+
+
 def export_model(
     cfg: TrainConfig,
     student: nn.Module,
@@ -245,6 +259,7 @@ def export_model(
             "lora_rank": cfg.model.lora_rank if cfg.stage == STAGE_DETAIL else None,
             "lora_alpha": cfg.model.lora_alpha if cfg.stage == STAGE_DETAIL else None,
             "boundary_timestep": boundary,
+            **_phase_info(cfg),
             **{k.replace("dcm.", ""): v for k, v in fam_meta.items()},
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

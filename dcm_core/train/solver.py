@@ -12,6 +12,10 @@ Stage semantic (single phase, boundary ``σ_b = sigmas_prev[K0]``)::
     x'   = x_t + (σ' − σ)·v_teacher(x_t, σ)                flow.flow_step   (one teacher Euler step)
     y    = x' + (σ_b − σ')·v_target(x', σ')                flow.flow_step   (target jump, no grad)
 
+Phased (``schedule.phase_edges = [e_0 = K0, e_1, …]``, stage semantic only, the PCM baseline): the same with a
+per-sample ``σ_b = sigmas_prev[b(k)]``, ``b(k)`` = the largest edge ≤ k, so every phase is its own consistency
+sub-trajectory; at an edge (k = b(k)) the target is x' itself, as at K0 in the single phase.
+
 Stage detail: the same with ``k ~ U{0 … K0−1}`` and ``σ_b = σ_end = sigmas_prev[0]``, plus
 the adversarial re-noising of ŷ (fake) and y (real) with ONE shared noise to
 ``σ_a = sigmas_prev[adv_index]``, ``adv_index ~ U{0 … K0−1}`` (:func:`flow.renoise`).
@@ -20,6 +24,7 @@ the adversarial re-noising of ŷ (fake) and y (real) with ONE shared noise to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -71,7 +76,8 @@ class IndexDraw:
     index: torch.Tensor  # [B] long
     sigma: torch.Tensor  # [B] float32, sigmas[k]
     sigma_prev: torch.Tensor  # [B] float32, sigmas_prev[k]
-    sigma_boundary: float  # σ_b (semantic: sigmas_prev[K0]; detail: sigmas_prev[0])
+    sigma_boundary: float | torch.Tensor  # σ_b (semantic: sigmas_prev[K0]; detail: sigmas_prev[0]); phased: [B] float32
+    boundary_index: torch.Tensor | None = None  # phased: [B] long, the phase edge of each k; else None
 
 
 class PCMSolver:
@@ -82,9 +88,19 @@ class PCMSolver:
         k0: first grid index of the semantic sub-trajectory (Wan 35, HunyuanVideo 38).
         shift: flow shift (17).
         steps: grid size (50).
+        phase_edges: PCM phases of the semantic stage (``schedule.phase_edges``): sorted grid indices starting at
+            ``k0``; each k is trained towards ``sigmas_prev`` of the largest edge ≤ k. Empty: one phase, and
+            ``IndexDraw.sigma_boundary`` stays the float of today.
     """
 
-    def __init__(self, stage: str, k0: int, shift: float = DCM_SHIFT, steps: int = PCM_GRID_STEPS) -> None:
+    def __init__(
+        self,
+        stage: str,
+        k0: int,
+        shift: float = DCM_SHIFT,
+        steps: int = PCM_GRID_STEPS,
+        phase_edges: Sequence[int] = (),
+    ) -> None:
         if stage not in (STAGE_SEMANTIC, STAGE_DETAIL):
             raise ValueError(f"stage must be 'semantic' or 'detail', got {stage!r}")
         grid = pcm_grid(shift, steps)
@@ -96,6 +112,21 @@ class PCMSolver:
         self.grid = grid
         self.sigmas = torch.tensor(grid.sigmas, dtype=torch.float32)
         self.sigmas_prev = torch.tensor(grid.sigmas_prev, dtype=torch.float32)
+        self.phase_edges = tuple(int(e) for e in phase_edges)
+        self._edge_of: torch.Tensor | None = None
+        if self.phase_edges:
+            e = self.phase_edges
+            if stage != STAGE_SEMANTIC:
+                raise ValueError(f"phase_edges={list(e)}: phases exist in the semantic stage only, this is the {stage} stage")
+            if e[0] != self.k0 or any(b <= a for a, b in zip(e, e[1:])) or e[-1] > grid.num_steps - 1:
+                raise ValueError(
+                    f"phase_edges={list(e)} must be sorted, unique, start at k0={self.k0} and lie below {grid.num_steps}"
+                )
+            # edge_of[k] = the largest edge ≤ k (indices below k0 are never drawn; they map to k0)
+            edge_of = [self.k0] * grid.num_steps
+            for lo, hi in zip(e, (*e[1:], grid.num_steps)):
+                edge_of[lo:hi] = [lo] * (hi - lo)
+            self._edge_of = torch.tensor(edge_of, dtype=torch.long)
 
     # ------------------------------------------------------------------ ranges
 
@@ -117,6 +148,16 @@ class PCMSolver:
         return float(self.grid.sigmas_prev[self.boundary_index])
 
     @property
+    def phased(self) -> bool:
+        """Whether the trajectory is split into PCM phases (per-sample boundaries)."""
+        return self._edge_of is not None
+
+    @property
+    def phase_sigmas(self) -> list[float]:
+        """``sigmas_prev`` of every phase edge (empty when not phased)."""
+        return [float(self.grid.sigmas_prev[e]) for e in self.phase_edges]
+
+    @property
     def adv_index_range(self) -> tuple[int, int]:
         """Half-open range of the adversarial index: ``end … end + K0 − 1`` with end = 0 (detail stage)."""
         end = self.boundary_index
@@ -132,7 +173,10 @@ class PCMSolver:
     def index_draw(self, k: torch.Tensor) -> IndexDraw:
         """The :class:`IndexDraw` of given grid indices ``k`` [B]."""
         k = k.long()
-        return IndexDraw(k, self.sigmas[k], self.sigmas_prev[k], self.sigma_boundary)
+        if self._edge_of is None:
+            return IndexDraw(k, self.sigmas[k], self.sigmas_prev[k], self.sigma_boundary)
+        b = self._edge_of[k]
+        return IndexDraw(k, self.sigmas[k], self.sigmas_prev[k], self.sigmas_prev[b], b)
 
     def draw_adv_index(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         """Draw the adversarial grid index per sample (share it across processes: see the trainer)."""
@@ -155,7 +199,7 @@ class PCMSolver:
         return flow_step(x_t, v_teacher, draw.sigma, draw.sigma_prev)
 
     def student_prediction(self, x_t: torch.Tensor, v_student: torch.Tensor, draw: IndexDraw) -> torch.Tensor:
-        """ŷ = ``x_t + (σ_b − σ)·v_s``."""
+        """ŷ = ``x_t + (σ_b − σ)·v_s`` (σ_b per sample when phased)."""
         return flow_step(x_t, v_student, draw.sigma, draw.sigma_boundary)
 
     def target(self, x_prev: torch.Tensor, v_target: torch.Tensor, draw: IndexDraw) -> torch.Tensor:
@@ -169,6 +213,9 @@ class PCMSolver:
         noise: torch.Tensor,
         sigma_a: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Re-noise ŷ (fake) and y (real) from σ_end to σ_a with ONE shared noise (dcm-method.md §6.2 step 5)."""
+        """Re-noise ŷ (fake) and y (real) from σ_end to σ_a with ONE shared noise (dcm-method.md §6.2 step 5).
+
+        Detail stage only, so σ_end is the one boundary ``sigmas_prev[0]`` (phases are refused outside stage semantic).
+        """
         end = self.sigma_boundary
         return renoise(fake_x0, noise, end, sigma_a), renoise(real_x0, noise, end, sigma_a)

@@ -12,7 +12,8 @@ Anatomy (the diffusers training-example layout):
 
    * stage semantic — ``k ~ U{K0…49}``; student jump to ``σ_prev[K0]``; one teacher Euler step
      with CFG ``v_c + w(v_c − v_u)``; target = the online (or EMA) student jump from ``x'``
-     under ``no_grad``; loss = pseudo-Huber + Temporal Coherence (§5.2);
+     under ``no_grad``; loss = pseudo-Huber + Temporal Coherence (§5.2). With ``schedule.phase_edges``
+     (the PCM baseline) each sample jumps to the end of its own phase instead (:class:`.solver.PCMSolver`);
    * stage detail — ``k ~ U{0…K0−1}`` to ``σ_prev[0]``; consistency loss; ŷ (fake) and y (real)
      re-noised with ONE shared noise to ``σ_a = σ_prev[adv_index]``; hinge G ×5 on
      discriminator heads over the frozen teacher's block features + feature matching on the
@@ -200,7 +201,9 @@ class DCMTrainer:
         self._setup_family(cfg.model.pretrained)
         self.cfg = cfg = cfg.resolved(self.family)
         self.stage = cfg.stage
-        self.solver = PCMSolver(cfg.stage, cfg.schedule.k0, cfg.schedule.shift, cfg.schedule.grid_steps)
+        self.solver = PCMSolver(
+            cfg.stage, cfg.schedule.k0, cfg.schedule.shift, cfg.schedule.grid_steps, phase_edges=cfg.schedule.phase_edges
+        )
         self.use_adv = cfg.stage == STAGE_DETAIL and cfg.loss.adv_weight > 0
         # 1b. sequence parallelism (parallel.sequence_parallel): diffusers' context parallelism on the student and
         #     teacher; the data and the per-sample randomness are then split over the sequence groups (.seqpar)
@@ -232,7 +235,7 @@ class DCMTrainer:
             self._resume(resume)
         n_train = sum(p.numel() for _, p in self.trainable)
         log.info(
-            "DCM %s stage, %s: %s trainable parameters (%d tensors), %d samples, %d process(es)%s, k in %s, σ_b=%.6f%s",
+            "DCM %s stage, %s: %s trainable parameters (%d tensors), %d samples, %d process(es)%s, k in %s, %s%s",
             cfg.stage,
             self.family,
             f"{n_train:,}",
@@ -241,7 +244,7 @@ class DCMTrainer:
             acc.num_processes,
             self.strategy.label,
             self.solver.index_range,
-            self.solver.sigma_boundary,
+            _boundary_text(self.solver),
             f", {self.features.num_features} discriminator heads" if self.features else "",
         )
 
@@ -893,6 +896,15 @@ class DCMTrainer:
             log.info("finished %d steps (%.3f steps/s); run folder %s", self.global_step, sps, self.run_dir)
         acc.end_training()
         return TrainResult(self.run_dir, self.global_step, self.history, exported, sps)
+
+
+def _boundary_text(solver: PCMSolver) -> str:
+    """The consistency boundary of the startup line: one σ_b, or the PCM phases and their σ_b."""
+    if not solver.phased:
+        return f"σ_b={solver.sigma_boundary:.6f}"
+    e, g = solver.phase_edges, solver.grid.num_steps
+    phases = ", ".join(f"[{lo},{hi})→{s:.6f}" for lo, hi, s in zip(e, (*e[1:], g), solver.phase_sigmas))
+    return f"{len(e)} PCM phases (k range → σ_b: {phases})"
 
 
 def _parse_sigma_option(text: str, steps: int, boundary: float, shift: float) -> list[float]:
