@@ -181,7 +181,7 @@ def _copy_bf16(src: Path, dst: Path) -> None:
     from ..formats import save_state_dict
 
     with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+        meta = dict(sorted((f.metadata() or {}).items()))  # (a fixed order: same input, same bytes)
         sd = {k: f.get_tensor(k) for k in f.keys()}
     sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     meta["dcm.toy.stored_dtype"] = "bf16"

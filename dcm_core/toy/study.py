@@ -12,6 +12,7 @@ Two studies, both on a fixed held-out set of prompts × seeds, every sampler sta
   does its text embedder still tell the words of one kind apart (:func:`word_separation`), and does it know
   which frame and place a token is at (:func:`position_probe`);
 * **word value** — model-free: what each word is worth to the ideal denoiser at high σ (:func:`word_value`);
+* **cfg** — which guidance scale the teacher's reference samples use (:func:`cfg_study`);
 * **shift** — which grid the teacher's 50-step *reference* sampling should use: for each shift s, the
   50-step sample on σ = shift(u, s) against a near-converged ODE solution (``--converged-steps`` Euler
   steps; its own error is bounded by comparing two converged solutions on different grids), plus the
@@ -119,6 +120,24 @@ def shift_study(model, world, *, shifts=(1.0, 3.0, 5.0, 17.0), steps: int = 50, 
         res["shifts"][f"{s:g}"] = {"last_sigma_before_0": round(sig[-2], 6), "first_step_below_1": round(sig[1], 6),
                                    **_compare(world, TR.sample(model, noise, ctx, sig, cfg_scale), conv, pairs)}
     return res
+
+
+CFG_SCALES = (1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+@torch.no_grad()
+def cfg_study(model, world, *, scales=CFG_SCALES, steps: int = 50, shift: float = TR.TOY_SHIFT,
+              seeds_per_prompt: int = 2) -> dict:
+    """Which classifier-free guidance scale the teacher's reference samples (and so the distillation targets)
+    should use: the world's analytic scores of ``steps``-step samples on the toy grid per scale, on the studies'
+    prompts × seeds (disjoint from the toy VBench's pairs, so the choice is not tuned to the eval set)."""
+    pairs, noise, ctx = _inputs(world, len(STUDY_PROMPTS), seeds_per_prompt)
+    sig = TR.grid_sigmas(steps, shift)
+    out = {"samples": len(pairs), "steps": steps, "shift": shift, "scales": {}}
+    for c in scales:
+        lat = TR.sample(model, noise, ctx, sig, c)
+        out["scales"][f"{c:g}"] = {**_scores(world, lat, pairs), "hf_energy": float(_hf(world, lat).mean())}
+    return out
 
 
 CONDITIONING_BASES = ("red circle moving right", "green square moving up", "white diamond growing")
@@ -346,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--converged-steps", type=int, default=400)
-    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning", "word-value"), default=None,
+    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning", "word-value", "cfg"), default=None,
                    help="one study (spectral, word-value: model-free, for v1 and v2, no teacher needed)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--threads", type=int, default=1)
@@ -370,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         res["conditioning"] = conditioning_sensitivity(model, world)
         res["word_separation"] = word_separation(model, world)
         res["position_probe"] = position_probe(model, world)
+    if a.only in (None, "cfg"):
+        res["cfg_study"] = cfg_study(model, world)
     if a.only in (None, "hardness"):
         res["hardness"] = hardness(model, world, n_prompts=a.prompts, cfg_scale=a.cfg)
     if a.only in (None, "shift"):

@@ -316,28 +316,34 @@ def _erode(m: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.max_pool2d(-m[None, None], 3, stride=1, padding=1)[0, 0]
 
 
+def _shift(img: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """``img`` [C, H, W] sampled at (x + dx, y + dy) (bilinear, zeros outside)."""
+    xx, yy = torch.from_numpy(_XX), torch.from_numpy(_YY)
+    grid = torch.stack([(xx + dx) / SIZE * 2 - 1, (yy + dy) / SIZE * 2 - 1], -1)[None]
+    return torch.nn.functional.grid_sample(img[None], grid, mode="bilinear", padding_mode="zeros",
+                                           align_corners=False)[0]
+
+
 def warp_error(frames: torch.Tensor) -> float:
     """Temporal consistency of the object's texture: mean squared difference (RGB in [−1, 1]) between
-    frame t+1 and frame t shifted by the tracked motion of the object's centre (the world's textures move
-    rigidly, without scaling),
-    over pixels inside the object in both, one pixel away from its edges. 0 for a rigidly moving texture;
-    large when the texture flickers or slides over the object. nan when no object is tracked."""
+    consecutive frames after moving both to the midpoint of the tracked motion of the object's centre (the
+    world's textures move rigidly, without scaling), over pixels inside the object in both, one pixel away
+    from its edges. Both frames are resampled by the same half displacement, so a sub-pixel motion blurs
+    them alike and a rigidly moving texture scores near 0; large when the texture flickers or slides over
+    the object. nan when no object is tracked."""
     x = frames.float().clamp(-1, 1)
     m = object_mask(frames)
     tr = track(frames)
-    xx, yy = torch.from_numpy(_XX), torch.from_numpy(_YY)
     num, den = 0.0, 0.0
     for t in range(len(tr) - 1):
         (xa, ya, ra), (xb, yb, rb) = tr[t], tr[t + 1]
         if not all(math.isfinite(v) for v in (xa, ya, xb, yb)) or ra <= 0 or rb <= 0:
             continue
-        sx, sy = xa + (xx - xb), ya + (yy - yb)  # where each pixel of frame t+1 came from in frame t
-        grid = torch.stack([sx / SIZE * 2 - 1, sy / SIZE * 2 - 1], -1)[None]
-        src = torch.cat([x[t], m[t][None]], 0)[None]
-        warped = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="zeros",
-                                                 align_corners=False)[0]
-        inside = ((_erode(warped[3]) > 0.9) & (_erode(m[t + 1]) > 0.9)).float()  # away from the soft edges
-        num += float((((warped[:3] - x[t + 1]) ** 2).sum(0) * inside).sum()) / 3
+        hx, hy = (xb - xa) / 2, (yb - ya) / 2
+        a = _shift(torch.cat([x[t], m[t][None]], 0), -hx, -hy)  # frame t moved forward by half the motion
+        b = _shift(torch.cat([x[t + 1], m[t + 1][None]], 0), hx, hy)  # frame t+1 moved back by half
+        inside = ((_erode(a[3]) > 0.9) & (_erode(b[3]) > 0.9)).float()  # away from the soft edges
+        num += float((((a[:3] - b[:3]) ** 2).sum(0) * inside).sum()) / 3
         den += float(inside.sum())
     return num / den if den > 0 else float("nan")
 
