@@ -44,7 +44,7 @@ def test_the_build_trains_every_run_through_the_trainer_cli_and_bundles(built):
     assert "schedule.k0=0" in pcm and "schedule.phases=4" in pcm
     toy = man["toy"]
     assert toy["world"] == "v2" and toy["shift"] == 3.0 and toy["boundary_timestep"] == 810.0
-    assert toy["bundled"] == {"dcm": "detail", "single_expert": "lcm"}
+    assert toy["bundled"] == {"dcm": "detail_no_gan", "single_expert": "lcm"}
     st = M.toy_settings(built / "weights")
     assert (st.world, st.shift, st.teacher_cfg) == ("v2", 3.0, toy["teacher_cfg"])
     assert {"teacher/diffusion_pytorch_model.safetensors", M.DCM_FILE, M.VCM_FILE} <= set(man["files"])
@@ -73,5 +73,5 @@ def test_the_toy_vbench_scores_the_bundle_and_the_runs(built, tmp_path):
     assert VB.main(["--weights", str(built / "weights"), "--runs", str(built), "--pairs", "2", "--steps", "2",
                     "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res["by_steps"]["2"]["methods"]) == {"euler", "dcm", "lcm", "pcm", "dcm_no_gan", "dcm_no_tc"}
+    assert set(res["by_steps"]["2"]["methods"]) == {"euler", "dcm", "lcm", "pcm", "dcm_gan", "dcm_no_tc"}
     assert res["targets"] and res["targets"][0]["steps"] == 2
