@@ -9,7 +9,8 @@ Samples one prompt + seed four ways from the same noise and writes, into ``--out
 * ``euler_<N>step.gif``   — plain flow-Euler on the teacher with the same N steps (and the teacher's CFG);
 * ``vcm_<N>step.gif``     — a single-expert consistency baseline with the same N steps;
 * ``strip.png``           — all four side by side (rows = methods, columns = frames);
-* ``metrics.json``        — MSE to the teacher's sample, motion error, model calls, seconds, the sigmas.
+* ``metrics.json``        — MSE to the teacher's sample, sharpness relative to it (HF energy ratio), motion
+  error, model calls, seconds, the sigmas.
 
 The schedule, routing boundary and CFG come from the bundle's manifest (``toy`` section: world v2, grid
 shift 3, boundary 810, teacher CFG); ``--preset`` also takes the pack's presets (official lists as they
@@ -189,10 +190,10 @@ def run(args: argparse.Namespace) -> int:
                  semantic_steps=args.semantic_steps, detail_steps=args.detail_steps, scale=args.scale,
                  fps=args.fps, weights=args.weights)
     print(f"DCM toy demo: {m['prompt']!r}, seed {m['seed']}, {args.preset} -> {args.out}/")
-    print(f"{'method':<22}{'calls':>6}{'seconds':>9}{'MSE→teacher':>13}{'motion err px':>15}")
+    print(f"{'method':<22}{'calls':>6}{'seconds':>9}{'MSE→teacher':>13}{'sharpness':>11}{'motion err px':>15}")
     for key, r in m["methods"].items():
         print(f"{r['label']:<22}{r['model_calls']:>6}{r['seconds']:>9.3f}{r['mse_to_teacher']:>13.5f}"
-              f"{r['motion_error_px']:>15.2f}")
+              f"{r['sharpness_vs_teacher']:>11.2f}{r['motion_error_px']:>15.2f}")
     print(f"wrote {', '.join(m['files'])} in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -189,9 +189,14 @@ def sample_experts(model: nn.Module, noise: torch.Tensor, context: torch.Tensor,
 
 
 def score(latent: torch.Tensor, reference: torch.Tensor, prompt: str, w=world) -> dict[str, float]:
-    """How a sample compares with the teacher's: MSE of the model-space latents and the motion error (px)
-    of its decoded frames against the prompt's motion law (in world ``w``)."""
+    """How a sample compares with the teacher's: MSE of the model-space latents, the motion error (px) of its
+    decoded frames against the prompt's motion law (in world ``w``), and its sharpness relative to the
+    teacher's sample (HF energy ratio: 1 = as sharp, below 1 = blurred)."""
+    from .world_v2 import hf_energy
+
+    frames, ref = w.latent_to_frames(latent[0]), w.latent_to_frames(reference[0])
     return {
         "mse_to_teacher": float(((latent - reference) ** 2).mean()),
-        "motion_error_px": w.motion_error(w.latent_to_frames(latent[0]), prompt),
+        "motion_error_px": w.motion_error(frames, prompt),
+        "sharpness_vs_teacher": hf_energy(frames) / max(hf_energy(ref), 1e-12),
     }
