@@ -209,6 +209,8 @@ def sampler_plan(prompt: dict) -> dict:
         if ct in ("DCMCheckpointLoader", "UNETLoader"):
             info["loader"] = nid
         if ct == "DCMDualExpertSampler":
+            if isinstance(ins.get("sigmas"), list):  # a linked DCMSchedule node gives the plan (preset ignored)
+                continue
             sig = schedule.build_sigmas(ins["preset"], boundary_timestep=ins["boundary_timestep"])
             b = ins["boundary_timestep"]
         elif ct == "DCMSchedule":

@@ -51,7 +51,8 @@ PIP_BLACKLIST = {"torch", "torchaudio", "torchsde", "torchvision"}
 PIP_DOWNGRADE_BLACKLIST = {"torch", "torchaudio", "torchsde", "torchvision", "transformers", "safetensors", "kornia"}
 
 MAX_FILE_BYTES = 2 * 1024 * 1024  # any one file in the registry zip
-MAX_TOTAL_BYTES = 20 * 1024 * 1024  # all of it, uncompressed
+MAX_TOTAL_BYTES = 20 * 1024 * 1024  # all of it but the bundled toy models, uncompressed
+MAX_TOY_WEIGHTS_BYTES = 30 * 1000 * 1000  # the bundled toy models: the toy world's budget (≤ 30 MB)
 HEAVY_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".gguf", ".npz", ".npy", ".mp4", ".webm", ".gif")
 HEAVY_ALLOWED_UNDER = ("dcm_core/toy/weights/",)  # the bundled toy models (pyproject package-data)
 
@@ -333,8 +334,10 @@ def test_registry_zip_has_nothing_heavy_or_local(registry_zip):
         if i.filename.lower().endswith(HEAVY_SUFFIXES) and not i.filename.startswith(HEAVY_ALLOWED_UNDER)
     ]
     assert not heavy, f"model/media fixtures in the registry zip (keep them out of git or add a .comfyignore): {heavy}"
-    total = sum(i.file_size for i in infos)
-    assert total < MAX_TOTAL_BYTES, f"registry zip holds {total / 2**20:.1f} MiB uncompressed"
+    toy = sum(i.file_size for i in infos if i.filename.startswith(HEAVY_ALLOWED_UNDER))
+    total = sum(i.file_size for i in infos) - toy
+    assert total < MAX_TOTAL_BYTES, f"registry zip holds {total / 2**20:.1f} MiB uncompressed besides the toy models"
+    assert toy <= MAX_TOY_WEIGHTS_BYTES, f"the bundled toy models in the registry zip take {toy / 1e6:.1f} MB (budget 30 MB)"
 
 
 # --------------------------------------------------------------------------- requirements
