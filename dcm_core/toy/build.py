@@ -29,6 +29,7 @@ trainer runs go at once, one torch thread each. ``--world v1`` rebuilds the earl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -300,21 +301,68 @@ def write_dataset_v2(root: Path, clips: int, seed: int) -> Path:
     return write_latent_dataset(root, items, uncond=uncond)
 
 
-def _run_stage(name: str, spec: dict, work: Path, base: list[str],
-               exports: dict[str, Path]) -> tuple[list[str], float | None, bool]:
-    """One trainer run through the user's CLI; skipped when its export exists, continued (``--resume latest``)
-    when a killed run left a checkpoint. Returns (command, wall seconds or None when skipped, resumed)."""
+STAMP = "build_stamp.json"
+
+
+def _export_id(export: Path) -> str:
+    """Identity of a finished run's export (its export_info.json records the step and the export time)."""
+    return hashlib.sha256((export / "export_info.json").read_bytes()).hexdigest()[:16]
+
+
+def _up_to_date(out: Path, stamp: dict, steps: int, dep: Path | None) -> bool:
+    """Whether the finished run in ``out`` was made by the command and from the dependency in ``stamp``.
+    Runs finished before stamps existed count as current when their step count matches and their
+    dependency's export is older than theirs."""
+    info_file = out / "export" / "export_info.json"
+    if not info_file.exists():
+        return False
+    if (out / STAMP).exists():
+        return json.loads((out / STAMP).read_text()) == stamp
+    if json.loads(info_file.read_text()).get("step") != steps:
+        return False
+    return dep is None or (dep / "export_info.json").stat().st_mtime <= info_file.stat().st_mtime
+
+
+def _set_aside(out: Path, log_file: Path) -> Path:
+    """Move a stale run (and its log) out of the way; nothing is deleted."""
+    n = 1
+    while out.with_name(f"{out.name}.stale-{n}").exists():
+        n += 1
+    aside = out.with_name(f"{out.name}.stale-{n}")
+    out.rename(aside)
+    if log_file.exists():
+        log_file.rename(aside / "build.log")
+    return aside
+
+
+def _run_stage(name: str, spec: dict, work: Path, base: list[str], exports: dict[str, Path],
+               inputs_id: str = "") -> tuple[list[str], float | None, bool]:
+    """One trainer run through the user's CLI; skipped when its export is up to date (same command, same
+    dependency export, same teacher and dataset: ``inputs_id``), continued (``--resume latest``) when a killed run left a checkpoint, set aside to
+    ``<run>.stale-N`` and retrained when its command or its dependency changed (e.g. other step counts).
+    Returns (command, wall seconds or None when skipped, resumed)."""
     out = work / name
     ov = base + list(spec["overrides"]) + [f"max_train_steps={spec['steps']}"]
-    if spec.get("after"):
-        ov.append(f"model.semantic_expert={exports[spec['after']]}")
+    dep = exports[spec["after"]] if spec.get("after") else None
+    if dep is not None:
+        ov.append(f"model.semantic_expert={dep}")
     cmd = ["python", "-m", "dcm_core", "train", "--stage", spec["stage"], f"output_dir={out}", *ov]
-    if (out / "export" / "export_info.json").exists():
+    stamp = {"command": cmd, "after": _export_id(dep) if dep is not None else None, "inputs": inputs_id}
+    log_file = work / f"{name}.log"
+    if _up_to_date(out, stamp, spec["steps"], dep):
+        (out / STAMP).write_text(json.dumps(stamp, indent=1))
         return cmd, None, False
+    if (out / "export" / "export_info.json").exists() or (
+            (out / STAMP).exists() and json.loads((out / STAMP).read_text()) != stamp):
+        log.info("[%s] made by another command or from another %s: set aside to %s and retrained", name,
+                 spec.get("after"), _set_aside(out, log_file).name)
     extra = ["--resume", "latest"] if any((out / "checkpoints").glob("checkpoint-*")) else []
+    if not extra:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STAMP).write_text(json.dumps(stamp, indent=1))  # a killed run continues only under this command
     log.info("[%s] $ %s", name, " ".join(cmd + extra))
     t0 = time.time()
-    with open(work / f"{name}.log", "a") as f:
+    with open(log_file, "a") as f:
         subprocess.run([sys.executable, *cmd[1:], *extra], check=True, stdout=f, stderr=subprocess.STDOUT,
                        cwd=Path(__file__).resolve().parents[2])
     return cmd, time.time() - t0, bool(extra)
@@ -356,6 +404,9 @@ def build_v2(work: Path, *, cfg: "TR.RunConfig", semantic_steps: int, detail_ste
     w = max(0.0, teacher_cfg - 1.0)  # the trainer's CFG w: v_c + w·(v_c − v_u)
     base = [f"model.pretrained={teacher_dir}", f"data.path={data_dir}", f"seed={seed}", f"guidance.cfg_scale={w:g}",
             *V2_COMMON]
+    # the teacher's weights and the dataset: a run made from other ones is retrained
+    inputs_id = hashlib.sha256((sha256_file(teacher_dir / "diffusion_pytorch_model.safetensors")
+                                + sha256_file(data_dir / "videos2caption.json")).encode()).hexdigest()[:16]
     stages = v2_stages(semantic_steps, detail_steps, ablations, detail_run)
     exports = {name: work / name / "export" for name in stages}
     commands: dict[str, list[str]] = {}
@@ -367,7 +418,7 @@ def build_v2(work: Path, *, cfg: "TR.RunConfig", semantic_steps: int, detail_ste
             for name, spec in list(pending.items()):
                 dep = spec.get("after")
                 if dep is None or (dep not in pending and dep not in futures):
-                    futures[name] = pool.submit(_run_stage, name, spec, work, base, exports)
+                    futures[name] = pool.submit(_run_stage, name, spec, work, base, exports, inputs_id)
                     del pending[name]
             finished = [n for n, f in futures.items() if f.done()]
             if not finished:

@@ -13,6 +13,11 @@ Two studies, both on a fixed held-out set of prompts × seeds, every sampler sta
   which frame and place a token is at (:func:`position_probe`);
 * **word value** — model-free: what each word is worth to the ideal denoiser at high σ (:func:`word_value`);
 * **cfg** — which guidance scale the teacher's reference samples use (:func:`cfg_study`);
+* **stages** — where a distilled DCM's distance to the teacher's sample comes from (:func:`stage_errors`):
+  the semantic expert's error at the routing boundary, what that error costs at σ 0 when the *teacher*
+  finishes the trajectory (against a random error of the same size), and the detail expert's error when it
+  starts from the teacher's own state at the boundary; on the toy VBench's tuning pairs (``--weights``,
+  ``--dcm``);
 * **shift** — which grid the teacher's 50-step *reference* sampling should use: for each shift s, the
   50-step sample on σ = shift(u, s) against a near-converged ODE solution (``--converged-steps`` Euler
   steps; its own error is bounded by comparing two converged solutions on different grids), plus the
@@ -32,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..schedule import OFFICIAL_PRESETS
+from ..schedule import OFFICIAL_PRESETS, flow_shift
 from . import teacher_run as TR
 from . import world_v2
 
@@ -355,6 +360,66 @@ def spectral_decided(world, *, n_clips: int = 256, sigmas=SPECTRAL_SIGMAS, seed:
     return out
 
 
+def _euler(fn, x: torch.Tensor, sigmas) -> torch.Tensor:
+    for s, n in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (n - s) * fn(x, s)
+    return x
+
+
+@torch.no_grad()
+def stage_errors(teacher, dcm, world, *, boundary_timestep: float, shift: float, n_pairs: int = 32,
+                 detail_steps=(1, 2, 3, 4), full_steps=(2, 4, 6)) -> dict:
+    """Split a DCM model's MSE to the teacher's 50-step sample into its two stages (toy-VBench tuning pairs).
+
+    ``x_b`` is the teacher's state on its 50-point grid at the first σ ≤ the boundary, ``x0`` its sample.
+    The semantic expert jumps from the noise to σ_b in one step; its error at σ_b is then carried to σ 0 by
+    the teacher's own remaining grid (what the semantic stage costs at the end), beside a random error of
+    the same size. The detail expert starts from the teacher's ``x_b`` (what the detail stage costs alone).
+    Teacher flow-Euler with the same steps is the reference for both."""
+    from ..modeling import DETAIL, SEMANTIC, velocity
+    from ..sampler import sample_dcm
+    from . import vbench as V
+
+    prs = V.pairs(n_pairs, world, seed=V.TUNE_SEED)
+    noise, ctx = V.noise_and_context(world, prs)
+
+    def v(model, expert=SEMANTIC):
+        return lambda x, s: velocity(model, x, s, ctx, expert)
+
+    grid = [float(flow_shift((50 - j) / 50, shift)) for j in range(50)] + [0.0]
+    kb = sum(1 for s in grid if s > boundary_timestep / 1000)
+    s_b = grid[kb]
+    x_b = _euler(v(teacher), noise, grid[:kb + 1])
+    x0 = _euler(v(teacher), x_b, grid[kb:])
+
+    def mse(a, b):
+        return round(float(((a - b) ** 2).mean()), 5)
+
+    def finish(x):  # the teacher's own remaining grid from σ_b
+        return _euler(v(teacher), x, grid[kb:])
+
+    sem = _euler(v(dcm, SEMANTIC), noise, [1.0, s_b])
+    eul = _euler(v(teacher), noise, [1.0, s_b])
+    err = mse(sem, x_b)
+    rnd = x_b + err ** 0.5 * torch.randn(x_b.shape, generator=torch.Generator().manual_seed(0))
+    out = {
+        "pairs": n_pairs, "seed": V.TUNE_SEED, "sigma_boundary": round(s_b, 4), "x_b_mean_square": mse(x_b, 0 * x_b),
+        "semantic_1step": {"at_boundary": err, "teacher_finishes": mse(finish(sem), x0)},
+        "teacher_euler_1step": {"at_boundary": mse(eul, x_b), "teacher_finishes": mse(finish(eul), x0)},
+        "random_error_same_size": {"at_boundary": mse(rnd, x_b), "teacher_finishes": mse(finish(rnd), x0)},
+        "detail_from_teacher_x_b": {}, "full_dcm": {},
+    }
+    for n in detail_steps:
+        sig = [s_b * (1 - j / n) for j in range(n)] + [0.0]
+        out["detail_from_teacher_x_b"][str(n)] = {"detail": mse(_euler(v(dcm, DETAIL), x_b, sig), x0),
+                                                  "teacher_euler": mse(_euler(v(teacher), x_b, sig), x0)}
+    for n in full_steps:
+        sig = [float(flow_shift((n - j) / n, shift)) for j in range(n)] + [0.0]
+        out["full_dcm"][str(n)] = mse(sample_dcm(lambda x, s, e: velocity(dcm, x, s, ctx, e), noise, sig,
+                                                 boundary_timestep), x0)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dcm_core.toy.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,13 +430,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--converged-steps", type=int, default=400)
-    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning", "word-value", "cfg"), default=None,
-                   help="one study (spectral, word-value: model-free, for v1 and v2, no teacher needed)")
+    p.add_argument("--only", choices=("hardness", "shift", "spectral", "conditioning", "word-value", "cfg", "stages"),
+                   default=None, help="one study (spectral, word-value: model-free, for v1 and v2, no teacher needed; "
+                                      "stages: a bundle's DCM experts, --weights / --dcm)")
+    p.add_argument("--pairs", type=int, default=32, help="stages: tuning prompt/seed pairs of the toy VBench")
+    p.add_argument("--weights", default=None, help="stages: the bundle folder (default the bundled toy weights)")
+    p.add_argument("--dcm", default=None, help="stages: another DCM file (e.g. a run's export) with the bundle's teacher")
     p.add_argument("--out", default=None, help="write the JSON here too")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
+    if a.only == "stages":
+        from . import models as M
+
+        weights = Path(a.weights) if a.weights else M.WEIGHTS_DIR
+        st = M.toy_settings(weights)
+        teacher = M.load_teacher(weights)
+        dcm = M.load_dcm_file(a.dcm, weights) if a.dcm else M.load_dcm(weights)
+        res = stage_errors(teacher, dcm, st.world_module, boundary_timestep=st.boundary_timestep, shift=st.shift,
+                           n_pairs=a.pairs)
+        res["dcm"] = a.dcm or str(weights / M.DCM_FILE)
+        res["wall_seconds"] = round(time.time() - t0, 1)
+        print(json.dumps(res, indent=1))
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=1))
+        return 0
     if a.only in ("spectral", "word-value") or not (a.teacher or a.ckpt):
         if a.only not in (None, "spectral", "word-value"):
             p.error("--teacher or --ckpt is needed for the hardness, shift and conditioning studies")

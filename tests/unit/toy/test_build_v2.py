@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[3]
 RUNS = ("semantic", "detail", "detail_no_gan", "lcm", "pcm", "semantic_no_tc", "detail_no_tc")
 
 
-def _build(work: Path) -> subprocess.CompletedProcess:
+def _build(work: Path, detail_steps: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dcm_core.toy.build", "--work", str(work), "--weights-dir", str(work / "weights"),
          "--arch", "128,1,64", "--batch-size", "2", "--teacher-steps", "2", "--semantic-steps", "2",
-         "--detail-steps", "2", "--clips", "8", "--ablations"],
+         "--detail-steps", str(detail_steps), "--clips", "8", "--ablations"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
 
@@ -66,6 +66,30 @@ def test_a_rerun_redoes_only_what_is_missing(built):
     assert after["pcm"] > 0 and all(after[k] == before[k] for k in RUNS if k != "pcm")
     assert "[pcm] $ python -m dcm_core train" in r.stderr and "[semantic] $" not in r.stderr
     assert json.loads((built / "weights" / M.MANIFEST).read_text())["files"][M.DCM_FILE]["sha256"] == digest
+
+
+def _step(run: Path) -> int:
+    return json.loads((run / "export" / "export_info.json").read_text())["step"]
+
+
+def test_other_settings_or_a_retrained_dependency_retrain_the_runs_they_change(built):
+    import shutil
+
+    # other detail steps: the detail runs and the baselines (budget of both stages) change; the semantic runs do not
+    r = _build(built, detail_steps=3)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for run in ("detail", "detail_no_gan", "detail_no_tc", "lcm", "pcm"):
+        assert f"[{run}] made by another command" in r.stderr, run
+        assert (built / f"{run}.stale-1" / "export" / "export_info.json").exists(), run  # set aside, not deleted
+    assert "[semantic] $" not in r.stderr and "[semantic_no_tc] $" not in r.stderr
+    assert (_step(built / "detail"), _step(built / "lcm"), _step(built / "semantic")) == (3, 5, 2)
+    # a retrained semantic expert makes its detail runs stale, even under the same command
+    shutil.rmtree(built / "semantic")
+    r = _build(built, detail_steps=3)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[semantic] $" in r.stderr and "[detail] made by another command or from another semantic" in r.stderr
+    assert "[detail_no_gan] $" in r.stderr and "[lcm] $" not in r.stderr and "[detail_no_tc] $" not in r.stderr
+    assert (built / "detail.stale-2").is_dir()
 
 
 def test_the_toy_vbench_scores_the_bundle_and_the_runs(built, tmp_path):
