@@ -169,17 +169,7 @@ def build(work: Path, *, teacher_steps: int, semantic_steps: int, detail_steps: 
         "files": {},
     }
     if bundle:
-        weights_dir.mkdir(parents=True, exist_ok=True)
-        tdst = weights_dir / M.TEACHER_DIR
-        tdst.mkdir(exist_ok=True)
-        shutil.copyfile(teacher_dir / "config.json", tdst / "config.json")
-        # Stored in bf16 to keep the bundle small (≈11 MB); the loaders upcast to fp32.
-        _copy_bf16(teacher_dir / "diffusion_pytorch_model.safetensors", tdst / "diffusion_pytorch_model.safetensors")
-        _copy_bf16(det / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.DCM_FILE)
-        _copy_bf16(vcm / "transformer" / "diffusion_pytorch_model.safetensors", weights_dir / M.VCM_FILE)
-        for p in sorted(weights_dir.rglob("*.safetensors")) + [tdst / "config.json"]:
-            manifest["files"][p.relative_to(weights_dir).as_posix()] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        (weights_dir / M.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _bundle(weights_dir, teacher_dir, det, vcm, manifest)
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -246,6 +236,15 @@ V2_COMMON = [
 ]
 
 
+#: The toy's DCM budget (world v2). Measured with ``python -m dcm_core.toy.study --only stages`` on the toy
+#: VBench's tuning pairs: the semantic expert's error at the boundary, carried to σ 0 by the teacher, fell from
+#: MSE 0.014 after 400 steps to 0.008 after 600 (0.009 at 800, 0.013 at 1000: constant lr, no further gain);
+#: the detail stage at lr 2e-5 / rank 32 for 200 steps left DCM at 0.030 (4 steps); at lr 1e-4 for 400 steps
+#: rank 128 gave 0.022. The LoRA rank is 64, not the official 128, to keep the bundle within 30 MB.
+TOY_SEMANTIC_STEPS, TOY_DETAIL_STEPS = 600, 400
+TOY_DETAIL_LR, TOY_LORA_RANK = 1e-4, 64
+
+
 def v2_stages(semantic_steps: int, detail_steps: int, ablations: bool,
               detail_run: str = "detail_no_gan") -> dict[str, dict]:
     """The distillation runs of world v2: name → {stage, overrides, after (the run whose export it needs)}.
@@ -255,8 +254,8 @@ def v2_stages(semantic_steps: int, detail_steps: int, ablations: bool,
     differs from the bundled DCM in the TC loss only."""
     sem = ["optim.lr=1e-4", "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=20",
            f"schedule.k0={TOY_K0}"]
-    det = ["optim.lr=2e-5", "optim.lr_scheduler=constant", "optim.use_ema=true", "optim.ema_decay=0.95",
-           "model.lora_rank=32", "model.lora_alpha=64", f"schedule.k0={TOY_K0}"]
+    det = [f"optim.lr={TOY_DETAIL_LR:g}", "optim.lr_scheduler=constant", "optim.use_ema=true", "optim.ema_decay=0.95",
+           f"model.lora_rank={TOY_LORA_RANK}", f"model.lora_alpha={2 * TOY_LORA_RANK}", f"schedule.k0={TOY_K0}"]
     gan = ["loss.adv_weight=0.1", "disc.inner_channels=64", f"disc.lr={TOY_DISC_LR:g}"]
     single = ["optim.lr=2e-5", "optim.lr_scheduler=constant", "optim.use_ema=true", "optim.ema_decay=0.95"]
     both = semantic_steps + detail_steps
@@ -354,8 +353,8 @@ def _run_stage(name: str, spec: dict, work: Path, base: list[str], exports: dict
         return cmd, None, False
     if (out / "export" / "export_info.json").exists() or (
             (out / STAMP).exists() and json.loads((out / STAMP).read_text()) != stamp):
-        log.info("[%s] made by another command or from another %s: set aside to %s and retrained", name,
-                 spec.get("after"), _set_aside(out, log_file).name)
+        why = f"another command, teacher, dataset or {spec['after']} export" if dep else "another command, teacher or dataset"
+        log.info("[%s] stale (%s): set aside to %s; retraining", name, why, _set_aside(out, log_file).name)
     extra = ["--resume", "latest"] if any((out / "checkpoints").glob("checkpoint-*")) else []
     if not extra:
         out.mkdir(parents=True, exist_ok=True)
@@ -498,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"teacher training steps (default v2 {TR.RunConfig.steps}, v1 {T.TeacherConfig.steps})")
     p.add_argument("--teacher-cfg", type=float, default=TOY_CFG,
                    help=f"v2: the teacher's CFG scale for reference samples and distillation targets (default {TOY_CFG:g})")
-    p.add_argument("--semantic-steps", type=int, default=None, help="semantic-stage steps (default v2 400, v1 600)")
-    p.add_argument("--detail-steps", type=int, default=200)
+    p.add_argument("--semantic-steps", type=int, default=None,
+                   help=f"semantic-stage steps (default v2 {TOY_SEMANTIC_STEPS}, v1 600)")
+    p.add_argument("--detail-steps", type=int, default=None, help=f"detail-stage steps (default v2 {TOY_DETAIL_STEPS}, v1 200)")
     p.add_argument("--detail-run", choices=("detail", "detail_no_gan"), default=TOY_DETAIL_RUN,
                    help=f"v2: which detail-stage run is bundled as the DCM experts (default {TOY_DETAIL_RUN})")
     p.add_argument("--clips", type=int, default=1024, help="clips in the distillation dataset")
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.world == "v2":
         return _main_v2(a)
     m = build(Path(a.work or "runs/toy"), teacher_steps=a.teacher_steps or T.TeacherConfig.steps,
-              semantic_steps=a.semantic_steps or 600, detail_steps=a.detail_steps, clips=a.clips, seed=a.seed,
+              semantic_steps=a.semantic_steps or 600, detail_steps=a.detail_steps or 200, clips=a.clips, seed=a.seed,
               ablations=a.ablations, bundle=not a.no_bundle, weights_dir=Path(a.weights_dir))
     print(json.dumps(m["wall_seconds"], indent=1))
     return 0
@@ -542,7 +542,8 @@ def _main_v2(a: argparse.Namespace) -> int:
             TR.train(cfg, run, resume=a.resume)
             print(f"teacher: {run / 'teacher'} (log {run / 'train.log'}, scores {run / 'eval.jsonl'})")
             return 0
-        m = build_v2(work, cfg=cfg, semantic_steps=a.semantic_steps or 400, detail_steps=a.detail_steps,
+        m = build_v2(work, cfg=cfg, semantic_steps=a.semantic_steps or TOY_SEMANTIC_STEPS,
+                     detail_steps=a.detail_steps or TOY_DETAIL_STEPS,
                      clips=a.clips, seed=a.seed, ablations=a.ablations, bundle=not a.no_bundle,
                      weights_dir=Path(a.weights_dir), jobs=a.jobs, teacher_cfg=a.teacher_cfg, detail_run=a.detail_run)
     except (FileExistsError, ValueError) as e:

@@ -74,7 +74,7 @@ def _need(path: Path) -> Path:
     if not path.exists():
         raise DCMFileNotFoundError(
             f"toy model file {path} is missing. The toy weights ship with the repository; if you deleted them, "
-            f"rebuild them with `make toy-models` (about 100 minutes on 2 cores; resumable)."
+            f"rebuild them with `make toy-models` (about 110 minutes on 2 cores; resumable)."
         )
     return path
 

@@ -79,7 +79,7 @@ def test_other_settings_or_a_retrained_dependency_retrain_the_runs_they_change(b
     r = _build(built, detail_steps=3)
     assert r.returncode == 0, r.stderr[-4000:]
     for run in ("detail", "detail_no_gan", "detail_no_tc", "lcm", "pcm"):
-        assert f"[{run}] made by another command" in r.stderr, run
+        assert f"[{run}] stale (another command, teacher" in r.stderr, run
         assert (built / f"{run}.stale-1" / "export" / "export_info.json").exists(), run  # set aside, not deleted
     assert "[semantic] $" not in r.stderr and "[semantic_no_tc] $" not in r.stderr
     assert (_step(built / "detail"), _step(built / "lcm"), _step(built / "semantic")) == (3, 5, 2)
@@ -87,7 +87,7 @@ def test_other_settings_or_a_retrained_dependency_retrain_the_runs_they_change(b
     shutil.rmtree(built / "semantic")
     r = _build(built, detail_steps=3)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "[semantic] $" in r.stderr and "[detail] made by another command or from another semantic" in r.stderr
+    assert "[semantic] $" in r.stderr and "[detail] stale (another command, teacher, dataset or semantic export)" in r.stderr
     assert "[detail_no_gan] $" in r.stderr and "[lcm] $" not in r.stderr and "[detail_no_tc] $" not in r.stderr
     assert (built / "detail.stale-2").is_dir()
 

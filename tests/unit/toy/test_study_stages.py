@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from dcm_core.toy import models as M
-from dcm_core.toy import study
+from dcm_core.toy import study, world_v2
 from dcm_core.toy import vbench as V
-from dcm_core.toy import world_v2
 
 
 def test_stage_errors_of_the_bundle_agree_with_the_toy_vbench(tmp_path):
