@@ -83,23 +83,8 @@ DETAIL_GAN = ["loss.adv_weight=0.1", "disc.inner_channels=64", "disc.lr=1e-5"]
 
 
 def write_dataset(root: Path, clips: int, seed: int) -> Path:
-    from ..train.data import write_latent_dataset
-
-    rng = np.random.default_rng(seed)
-    prompts = world.all_prompts()
-    items = []
-    for i in range(clips):
-        p = prompts[i % len(prompts)]
-        clip = world.make_clip(p, int(rng.integers(2**62)))
-        items.append({
-            "name": f"clip{i:05d}",
-            "latent": from_model_space(clip.latent[None], FAMILY_WAN)[0],
-            "prompt_embed": world.encode_text(p),
-            "prompt_attention_mask": torch.tensor([1] * len(p.split()) + [0] * (world.TEXT_TOKENS - len(p.split()))),
-            "caption": p,
-        })
-    uncond = (world.encode_text(""), torch.zeros(world.TEXT_TOKENS, dtype=torch.long))
-    return write_latent_dataset(root, items, uncond=uncond)
+    """``clips`` v1-world clips in the trainer's latent-dataset format (see :func:`write_dataset_v2`)."""
+    return write_dataset_v2(root, clips, seed, w=world)
 
 
 def _train(stage: str, out: Path, overrides: list[str], log_file: Path) -> float:
@@ -156,11 +141,7 @@ def build(work: Path, *, teacher_steps: int, semantic_steps: int, detail_steps: 
     times["this_invocation"] = time.time() - t_all
 
     manifest = {
-        "made_by": "python -m dcm_core.toy.build (make toy-models)",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
-        "seed": seed,
+        **_manifest_head(seed),
         "teacher": {"architecture": T.TOY_WAN, "config": T.TeacherConfig(steps=teacher_steps, seed=seed).__dict__},
         "world": {"size": world.SIZE, "frames": world.FRAMES, "text_tokens": world.TEXT_TOKENS,
                   "dataset_clips": clips},
@@ -276,11 +257,14 @@ def v2_stages(semantic_steps: int, detail_steps: int, ablations: bool,
     return out
 
 
-def write_dataset_v2(root: Path, clips: int, seed: int) -> Path:
+def write_dataset_v2(root: Path, clips: int, seed: int, w=None) -> Path:
     """``clips`` world-v2 clips (every prompt in turn, a fresh texture / background / start per clip) in the
-    trainer's latent-dataset format, with the unconditional embedding for the teacher's CFG."""
+    trainer's latent-dataset format, with the unconditional embedding for the teacher's CFG (``w``: another
+    world module with the same interface, e.g. v1)."""
     from ..train.data import write_latent_dataset
-    from . import world_v2 as W
+    from . import world_v2
+
+    W = w or world_v2
 
     rng = np.random.default_rng(seed)
     prompts = W.all_prompts()
@@ -430,11 +414,7 @@ def build_v2(work: Path, *, cfg: "TR.RunConfig", semantic_steps: int, detail_ste
     times["this_invocation"] = time.time() - t_all
 
     manifest = {
-        "made_by": "python -m dcm_core.toy.build (make toy-models)",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
-        "seed": seed,
+        **_manifest_head(seed),
         "toy": {"world": cfg.world, "shift": TR.TOY_SHIFT, "boundary_timestep": TOY_BOUNDARY, "k0": TOY_K0,
                 "teacher_cfg": teacher_cfg, "recommended_steps": 4},
         "teacher": {"architecture": cfg.arch, "config": asdict(cfg),
@@ -450,6 +430,17 @@ def build_v2(work: Path, *, cfg: "TR.RunConfig", semantic_steps: int, detail_ste
         _bundle(weights_dir, teacher_dir, exports[detail_run], exports["lcm"], manifest)
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def _manifest_head(seed: int) -> dict:
+    """What every bundle manifest starts with: who made it, when, where, with which versions and seed."""
+    return {
+        "made_by": "python -m dcm_core.toy.build (make toy-models)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, **_versions()},
+        "seed": seed,
+    }
 
 
 def _teacher_seconds_from_log(path: Path) -> float:
