@@ -292,15 +292,15 @@ def _export_id(export: Path) -> str:
     return hashlib.sha256((export / "export_info.json").read_bytes()).hexdigest()[:16]
 
 
-def _up_to_date(out: Path, stamp: dict, steps: int, dep: Path | None) -> bool:
-    """Whether the finished run in ``out`` was made by the command and from the dependency in ``stamp``.
-    Runs finished before stamps existed count as current when their step count matches and their
-    dependency's export is older than theirs."""
+def _up_to_date(out: Path, stamp: dict, previous: dict | None, steps: int, dep: Path | None) -> bool:
+    """Whether the finished run in ``out`` was made by the command and from the dependency in ``stamp``
+    (``previous``: the stamp it was made under, None when none). Runs finished before stamps existed count
+    as current when their step count matches and their dependency's export is older than theirs."""
     info_file = out / "export" / "export_info.json"
     if not info_file.exists():
         return False
-    if (out / STAMP).exists():
-        return json.loads((out / STAMP).read_text()) == stamp
+    if previous is not None:
+        return previous == stamp
     if json.loads(info_file.read_text()).get("step") != steps:
         return False
     return dep is None or (dep / "export_info.json").stat().st_mtime <= info_file.stat().st_mtime
@@ -321,8 +321,9 @@ def _set_aside(out: Path, log_file: Path) -> Path:
 def _run_stage(name: str, spec: dict, work: Path, base: list[str], exports: dict[str, Path],
                inputs_id: str = "") -> tuple[list[str], float | None, bool]:
     """One trainer run through the user's CLI; skipped when its export is up to date (same command, same
-    dependency export, same teacher and dataset: ``inputs_id``), continued (``--resume latest``) when a killed run left a checkpoint, set aside to
-    ``<run>.stale-N`` and retrained when its command or its dependency changed (e.g. other step counts).
+    dependency export, same teacher and dataset: ``inputs_id``), continued (``--resume latest``) when a
+    killed run left a checkpoint, set aside to ``<run>.stale-N`` and retrained when its command, teacher,
+    dataset or dependency changed (e.g. other step counts).
     Returns (command, wall seconds or None when skipped, resumed)."""
     out = work / name
     ov = base + list(spec["overrides"]) + [f"max_train_steps={spec['steps']}"]
@@ -332,11 +333,11 @@ def _run_stage(name: str, spec: dict, work: Path, base: list[str], exports: dict
     cmd = ["python", "-m", "dcm_core", "train", "--stage", spec["stage"], f"output_dir={out}", *ov]
     stamp = {"command": cmd, "after": _export_id(dep) if dep is not None else None, "inputs": inputs_id}
     log_file = work / f"{name}.log"
-    if _up_to_date(out, stamp, spec["steps"], dep):
+    previous = json.loads((out / STAMP).read_text()) if (out / STAMP).exists() else None
+    if _up_to_date(out, stamp, previous, spec["steps"], dep):
         (out / STAMP).write_text(json.dumps(stamp, indent=1))
         return cmd, None, False
-    if (out / "export" / "export_info.json").exists() or (
-            (out / STAMP).exists() and json.loads((out / STAMP).read_text()) != stamp):
+    if (out / "export" / "export_info.json").exists() or previous not in (None, stamp):
         why = f"another command, teacher, dataset or {spec['after']} export" if dep else "another command, teacher or dataset"
         log.info("[%s] stale (%s): set aside to %s; retraining", name, why, _set_aside(out, log_file).name)
     extra = ["--resume", "latest"] if any((out / "checkpoints").glob("checkpoint-*")) else []

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..schedule import OFFICIAL_PRESETS, flow_shift
+from ..schedule import OFFICIAL_PRESETS
 from . import teacher_run as TR
 from . import world_v2
 
@@ -360,64 +360,69 @@ def spectral_decided(world, *, n_clips: int = 256, sigmas=SPECTRAL_SIGMAS, seed:
     return out
 
 
-def _euler(fn, x: torch.Tensor, sigmas) -> torch.Tensor:
-    for s, n in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (n - s) * fn(x, s)
-    return x
-
-
 @torch.no_grad()
-def stage_errors(teacher, dcm, world, *, boundary_timestep: float, shift: float, n_pairs: int = 32,
-                 detail_steps=(1, 2, 3, 4), full_steps=(2, 4, 6)) -> dict:
+def stage_errors(teacher, dcm, settings, *, n_pairs: int = 32, detail_steps=(1, 2, 3, 4), full_steps=(2, 4, 6)) -> dict:
     """Split a DCM model's MSE to the teacher's 50-step sample into its two stages (toy-VBench tuning pairs).
 
+    ``settings`` is the bundle's :class:`~dcm_core.toy.models.ToySettings` (world, grid shift, boundary).
     ``x_b`` is the teacher's state on its 50-point grid at the first σ ≤ the boundary, ``x0`` its sample.
     The semantic expert jumps from the noise to σ_b in one step; its error at σ_b is then carried to σ 0 by
     the teacher's own remaining grid (what the semantic stage costs at the end), beside a random error of
     the same size. The detail expert starts from the teacher's ``x_b`` (what the detail stage costs alone).
     Teacher flow-Euler with the same steps is the reference for both."""
+    from ..flow import flow_step
     from ..modeling import DETAIL, SEMANTIC, velocity
     from ..sampler import sample_dcm
     from . import vbench as V
 
-    prs = V.pairs(n_pairs, world, seed=V.TUNE_SEED)
-    noise, ctx = V.noise_and_context(world, prs)
+    prs = V.pairs(n_pairs, settings.world_module, seed=V.TUNE_SEED)
+    noise, ctx = V.noise_and_context(settings.world_module, prs)
 
-    def v(model, expert=SEMANTIC):
-        return lambda x, s: velocity(model, x, s, ctx, expert)
+    def teacher_euler(x, sigmas):
+        return TR.sample(teacher, x, ctx, sigmas)
 
-    grid = [float(flow_shift((50 - j) / 50, shift)) for j in range(50)] + [0.0]
-    kb = sum(1 for s in grid if s > boundary_timestep / 1000)
-    s_b = grid[kb]
-    x_b = _euler(v(teacher), noise, grid[:kb + 1])
-    x0 = _euler(v(teacher), x_b, grid[kb:])
+    def expert_euler(expert, x, sigmas):  # one DCM expert for every step, whatever the boundary
+        for a, b in zip(sigmas[:-1], sigmas[1:]):
+            x = flow_step(x, velocity(dcm, x, a, ctx, expert), a, b)
+        return x
 
     def mse(a, b):
         return round(float(((a - b) ** 2).mean()), 5)
 
-    def finish(x):  # the teacher's own remaining grid from σ_b
-        return _euler(v(teacher), x, grid[kb:])
-
-    sem = _euler(v(dcm, SEMANTIC), noise, [1.0, s_b])
-    eul = _euler(v(teacher), noise, [1.0, s_b])
+    grid = settings.grid(50)
+    kb = sum(1 for s in grid if s > settings.boundary_timestep / 1000)
+    s_b = grid[kb]
+    x_b = teacher_euler(noise, grid[:kb + 1])
+    x0 = teacher_euler(x_b, grid[kb:])  # the teacher's own remaining grid from σ_b finishes every case below
+    sem = expert_euler(SEMANTIC, noise, [1.0, s_b])
+    eul = teacher_euler(noise, [1.0, s_b])
     err = mse(sem, x_b)
     rnd = x_b + err ** 0.5 * torch.randn(x_b.shape, generator=torch.Generator().manual_seed(0))
     out = {
-        "pairs": n_pairs, "seed": V.TUNE_SEED, "sigma_boundary": round(s_b, 4), "x_b_mean_square": mse(x_b, 0 * x_b),
-        "semantic_1step": {"at_boundary": err, "teacher_finishes": mse(finish(sem), x0)},
-        "teacher_euler_1step": {"at_boundary": mse(eul, x_b), "teacher_finishes": mse(finish(eul), x0)},
-        "random_error_same_size": {"at_boundary": mse(rnd, x_b), "teacher_finishes": mse(finish(rnd), x0)},
+        "pairs": n_pairs, "seed": V.TUNE_SEED, "sigma_boundary": round(s_b, 4),
+        "x_b_mean_square": round(float((x_b ** 2).mean()), 5),
+        "semantic_1step": {"at_boundary": err, "teacher_finishes": mse(teacher_euler(sem, grid[kb:]), x0)},
+        "teacher_euler_1step": {"at_boundary": mse(eul, x_b), "teacher_finishes": mse(teacher_euler(eul, grid[kb:]), x0)},
+        "random_error_same_size": {"at_boundary": mse(rnd, x_b), "teacher_finishes": mse(teacher_euler(rnd, grid[kb:]), x0)},
         "detail_from_teacher_x_b": {}, "full_dcm": {},
     }
     for n in detail_steps:
         sig = [s_b * (1 - j / n) for j in range(n)] + [0.0]
-        out["detail_from_teacher_x_b"][str(n)] = {"detail": mse(_euler(v(dcm, DETAIL), x_b, sig), x0),
-                                                  "teacher_euler": mse(_euler(v(teacher), x_b, sig), x0)}
+        out["detail_from_teacher_x_b"][str(n)] = {"detail": mse(expert_euler(DETAIL, x_b, sig), x0),
+                                                  "teacher_euler": mse(teacher_euler(x_b, sig), x0)}
     for n in full_steps:
-        sig = [float(flow_shift((n - j) / n, shift)) for j in range(n)] + [0.0]
-        out["full_dcm"][str(n)] = mse(sample_dcm(lambda x, s, e: velocity(dcm, x, s, ctx, e), noise, sig,
-                                                 boundary_timestep), x0)
+        out["full_dcm"][str(n)] = mse(sample_dcm(lambda x, s, e: velocity(dcm, x, s, ctx, e), noise, settings.grid(n),
+                                                 settings.boundary_timestep), x0)
     return out
+
+
+def _emit(res: dict, out: str | None) -> None:
+    """Print a study's JSON, and write it to ``out`` too when given."""
+    text = json.dumps(res, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,24 +453,17 @@ def main(argv: list[str] | None = None) -> int:
         st = M.toy_settings(weights)
         teacher = M.load_teacher(weights)
         dcm = M.load_dcm_file(a.dcm, weights) if a.dcm else M.load_dcm(weights)
-        res = stage_errors(teacher, dcm, st.world_module, boundary_timestep=st.boundary_timestep, shift=st.shift,
-                           n_pairs=a.pairs)
+        res = stage_errors(teacher, dcm, st, n_pairs=a.pairs)
         res["dcm"] = a.dcm or str(weights / M.DCM_FILE)
         res["wall_seconds"] = round(time.time() - t0, 1)
-        print(json.dumps(res, indent=1))
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(res, indent=1))
+        _emit(res, a.out)
         return 0
     if a.only in ("spectral", "word-value") or not (a.teacher or a.ckpt):
         if a.only not in (None, "spectral", "word-value"):
             p.error("--teacher or --ckpt is needed for the hardness, shift and conditioning studies")
         fn = word_value if a.only == "word-value" else spectral_decided
         res = {v: fn(world_v2.get_world(v)) for v in ((a.world,) if a.world else ("v1", "v2"))}
-        print(json.dumps(res, indent=1))
-        if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(res, indent=1))
+        _emit(res, a.out)
         return 0
     model, info = load_teacher(a.teacher, a.ckpt)
     world = world_v2.get_world(a.world or info.get("world", "v1"))
@@ -482,11 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         res["shift_study"] = shift_study(model, world, n_prompts=a.prompts, converged_steps=a.converged_steps,
                                          cfg_scale=a.cfg)
     res["wall_seconds"] = round(time.time() - t0, 1)
-    text = json.dumps(res, indent=1)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text)
-    print(text)
+    _emit(res, a.out)
     return 0
 
 
